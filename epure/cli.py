@@ -1,0 +1,253 @@
+"""The `epure` command line: a thin layer over library functions that the tests call too."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+from typer.core import TyperGroup
+
+from epure.config import ConfigError, DataConfig, load_config
+from epure.data import DatasetError
+
+console = Console(stderr=True)
+
+# Options that take several values after one flag (`--components group_nc bt`), as the users' argparse tools do.
+MULTI_VALUE_OPTIONS = {"--components", "--tags"}
+
+
+def expand_multi_value_options(args: list[str]) -> list[str]:
+    """Rewrite ``--components a b`` into ``--components a --components b`` so Click can parse it."""
+    out: list[str] = []
+    current: str | None = None
+    for token in args:
+        if token.startswith("-"):
+            current = token if token in MULTI_VALUE_OPTIONS else None
+            out.append(token)
+        elif current is not None and out and out[-1] != current:
+            out += [current, token]
+        else:
+            out.append(token)
+    return out
+
+
+class EpureGroup(TyperGroup):
+    """Typer group that accepts several values after one multi-value flag."""
+
+    def main(self, args=None, *rest, **kwargs):  # type: ignore[override]
+        args = list(sys.argv[1:] if args is None else args)
+        return super().main(expand_multi_value_options(args), *rest, **kwargs)
+
+
+app = typer.Typer(cls=EpureGroup, no_args_is_help=True, add_completion=False,
+                  help="MMVAE+ for tire cross-section design: data, train, sample, evaluate, sweep.")
+data_app = typer.Typer(no_args_is_help=True, help="Create, validate and look at datasets.")
+app.add_typer(data_app, name="data")
+
+
+@app.callback()
+def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", datefmt="[%X]",
+                        handlers=[RichHandler(console=console, show_path=False)], force=True)
+
+
+def fail(message: str) -> None:
+    """Print a clear error and exit 2: no traceback for mistakes a user can fix."""
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(2)
+
+
+def _data_config(config: Optional[Path], components: Optional[list[str]]) -> DataConfig:
+    cfg = load_config(config).data if config else DataConfig()
+    if components:
+        cfg.components = list(components)
+    return cfg
+
+
+ConfigOption = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file or built-in name.")]
+ComponentsOption = Annotated[Optional[list[str]], typer.Option(
+    "--components", help="Component names; several may follow one flag: --components group_nc group_km fpu.")]
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Annotated[Path, typer.Option("--out", help="Folder to create (must not exist or be empty).")],
+    n: Annotated[int, typer.Option("--n", help="Number of designs.")] = 2000,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed: same seed, same dataset.")] = 0,
+    test_fraction: Annotated[float, typer.Option("--test-fraction", help="Share of designs in the test split.")] = 0.2,
+) -> None:
+    """Write the built-in synthetic 5-component tire dataset in the users' folder format."""
+    from epure.data.synth import write_synthetic_dataset
+
+    if n < 2:
+        fail(f"--n must be at least 2, got {n}")
+    try:
+        with console.status(f"generating {n} synthetic designs"):
+            root = write_synthetic_dataset(out, n=n, seed=seed, test_fraction=test_fraction)
+    except FileExistsError as err:
+        fail(str(err))
+    console.print(f"wrote {n} designs to [bold]{root}[/] (check it with: epure data check {root})")
+
+
+@data_app.command("check")
+def data_check(
+    root: Annotated[Path, typer.Argument(help="Dataset folder (ROOT/{train,test}/{component}/..., dimensions.csv).")],
+    config: ConfigOption = None,
+    components: ComponentsOption = None,
+) -> None:
+    """Validate a dataset exactly as training loads it and print a summary."""
+    from epure.data.check import check_dataset
+
+    try:
+        cfg = _data_config(config, components)
+        summaries = check_dataset(root, cfg)
+    except (DatasetError, ConfigError) as err:
+        fail(str(err))
+    out = Console()
+    counts = Table(title=f"{root}", show_lines=False)
+    counts.add_column("split")
+    counts.add_column("designs", justify="right")
+    for column in cfg.condition_columns:
+        counts.add_column(f"{column} min / mean / max", justify="right")
+    for s in summaries:
+        counts.add_row(s.split, str(s.count), *[f"{lo:.0f} / {mean:.1f} / {hi:.0f}"
+                                                for lo, mean, hi in s.condition_ranges.values()])
+    out.print(counts)
+    coverage = Table(title="component coverage (share of pixels occupied; share of images non-empty)")
+    coverage.add_column("component")
+    for s in summaries:
+        coverage.add_column(f"{s.split} pixels", justify="right")
+        coverage.add_column(f"{s.split} non-empty", justify="right")
+    for component in cfg.components:
+        coverage.add_row(component, *[v for s in summaries for v in
+                                      (f"{s.coverage[component]:.3f}", f"{s.nonempty[component]:.1%}")])
+    out.print(coverage)
+    out.print("[green]dataset OK[/]")
+
+
+@data_app.command("show")
+def data_show(
+    root: Annotated[Path, typer.Argument(help="Dataset folder.")],
+    out: Annotated[Path, typer.Option("--out", help="PNG file to write.")] = Path("dataset_grid.png"),
+    count: Annotated[int, typer.Option("--count", help="Number of designs (one row each).")] = 8,
+    config: ConfigOption = None,
+    components: ComponentsOption = None,
+) -> None:
+    """Write a grid PNG of random train designs: one row per design, components then a colour composite."""
+    from epure.data.check import example_designs
+    from epure.viz import design_grid, save_png
+
+    try:
+        designs, ids = example_designs(root, _data_config(config, components), count)
+    except (DatasetError, ConfigError) as err:
+        fail(str(err))
+    save_png(design_grid(designs), out)
+    console.print(f"wrote {out} ({len(ids)} designs: {', '.join(ids[:4])}{', ...' if len(ids) > 4 else ''})")
+
+
+def _training_config(config: Optional[Path], overrides: dict) -> "Config":
+    from epure.config import Config  # noqa: F401  (type only)
+
+    cfg = load_config(config)
+    return cfg.updated({k: v for k, v in overrides.items() if v is not None})
+
+
+@app.command("train")
+def train_command(
+    config: ConfigOption = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Number of epochs.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch_size", "--batch-size", help="Batch size.")] = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="Dataset folder (or builtin:synthetic, builtin:toy).")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda | mps.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed.")] = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Run directory to continue.")] = None,
+    max_minutes: Annotated[Optional[float], typer.Option("--max-minutes", help="Stop after this many minutes.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Stop after this many optimiser steps.")] = None,
+    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", help="Where run directories go.")] = None,
+) -> None:
+    """Train MMVAE+ (with no arguments: the small preset on the built-in synthetic data)."""
+    from epure.checkpoint import CheckpointError
+    from epure.sample import progress_images
+    from epure.train import TrainingError, train
+
+    try:
+        cfg = _training_config(config, {
+            "train.epochs": epochs, "train.batch_size": batch_size, "data.root": data, "train.device": device,
+            "train.seed": seed, "train.max_minutes": max_minutes, "train.max_steps": max_steps,
+            "train.output_dir": str(output_dir) if output_dir else None})
+        result = train(cfg, resume=resume, images_fn=_images_fn(progress_images))
+    except (ConfigError, DatasetError, CheckpointError, TrainingError) as err:
+        fail(str(err))
+    _report_training(result)
+
+
+def _images_fn(progress_images):
+    def make(loaded, data):
+        return progress_images(loaded, data.val.images[:8], data.val.conditions[:8])
+    return make
+
+
+def _report_training(result) -> None:
+    table = Table(title="training")
+    for column in ("run directory", "status", "epochs", "steps", "best val loss", "last val loss"):
+        table.add_column(column)
+    table.add_row(str(result.run_dir), result.status, str(result.epoch), str(result.step),
+                  f"{result.best_val_loss:.2f}", f"{result.last_val_loss:.2f}")
+    Console().print(table)
+    console.print(f"sample from it: epure sample --checkpoint {result.run_dir}")
+    if result.status == "interrupted":
+        console.print(f"continue it: epure train --resume {result.run_dir}")
+        raise typer.Exit(130 if result.signal_name == "SIGINT" else 143)
+
+
+@app.command("sample")
+def sample_command(
+    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="Run directory or checkpoint file.")] = None,
+    mode: Annotated[str, typer.Option("--mode", help="unconditional | inpainting.")] = "unconditional",
+    num_samples: Annotated[int, typer.Option("--num_samples", "--num-samples", help="Unconditional samples.")] = 16,
+    width: Annotated[Optional[float], typer.Option("--width", help="Requested width_px for every sample.")] = None,
+    height: Annotated[Optional[float], typer.Option("--height", help="Requested height_px for every sample.")] = None,
+    conditions: Annotated[Optional[Path], typer.Option("--conditions", help="CSV: one sample per row, named by its id.")] = None,
+    components: ComponentsOption = None,
+    joint: Annotated[bool, typer.Option("--joint", help="Condition on the named components together.")] = False,
+    joint_rule: Annotated[str, typer.Option("--joint-rule", help="mixture | product of the observed posteriors.")] = "mixture",
+    mean: Annotated[bool, typer.Option("--mean", help="Use posterior means instead of samples (inpainting).")] = False,
+    binary: Annotated[bool, typer.Option("--binary", help="Threshold masks at 0.5.")] = False,
+    data: Annotated[Optional[str], typer.Option("--data", help="Dataset to complete (default: the training one).")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Complete only the first N test examples.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default samples/mmvaeplus/<run>).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Generation batch size.")] = 256,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | mps.")] = "cpu",
+) -> None:
+    """Generate designs from a trained model: unconditional, or completed from observed components."""
+    from epure import sample as sampling
+    from epure.checkpoint import CheckpointError, load_model
+    from epure.train import TrainingError, select_device
+
+    if checkpoint is None:
+        fail("give --checkpoint RUN_DIR_OR_FILE")
+    try:
+        loaded = load_model(checkpoint, select_device(device))
+        out_dir = out or Path("samples") / "mmvaeplus" / loaded.run_name
+        if mode == "unconditional":
+            raw, ids = sampling.unconditional_requests(loaded, num_samples, width, height, conditions, seed)
+            report = sampling.write_unconditional(loaded, out_dir, raw, ids, binary, batch_size, seed)
+        elif mode == "inpainting":
+            if not components:
+                fail(f"--mode inpainting needs --components (any of: {', '.join(loaded.components)})")
+            split = sampling.completion_split(loaded, data, limit)
+            sets = [list(components)] if joint else [[c] for c in components]
+            report = sampling.write_completions(loaded, out_dir, split.images, split.conditions, list(split.ids),
+                                                sets, binary, joint_rule, mean, batch_size, seed)
+        else:
+            fail(f"--mode must be unconditional or inpainting, got {mode!r}")
+    except (CheckpointError, DatasetError, ConfigError, TrainingError, sampling.SamplingError) as err:
+        fail(str(err))
+    console.print(f"wrote {report.count} designs under [bold]{report.out_dir}[/]")

@@ -1,0 +1,269 @@
+"""One typed configuration for everything epure does, loaded from YAML and validated once at the edge.
+
+A config file has four sections, ``data``, ``model``, ``train`` and ``wandb``; any key left out keeps the
+default below. Dotted paths (``model.beta``) address single keys, from the CLI, from sweeps and in errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+EPURE_COMPONENTS = ["group_nc", "group_km", "bt", "fpu", "tpc"]
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be used, with the key and the reason."""
+
+
+@dataclass
+class DataConfig:
+    """Where the designs are and how the dataset is laid out (the users' own format)."""
+
+    root: str | None = None  # None: the built-in synthetic dataset, generated once into the cache
+    components: list[str] = field(default_factory=lambda: list(EPURE_COMPONENTS))
+    filename_pattern: str = "{prefix}_{component}.png"
+    csv: str = "dimensions.csv"  # relative to root unless absolute
+    id_column: str = "matching"
+    condition_columns: list[str] = field(default_factory=lambda: ["width_px", "height_px"])
+    split_column: str = "train"
+    image_size: list[int] = field(default_factory=lambda: [64, 32])  # rows, columns
+    val_fraction: float = 0.05  # share of the train split held out for validation
+    synthetic_n: int = 2000  # size of the built-in synthetic dataset
+    synthetic_seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    """MMVAE+ architecture and objective."""
+
+    latent_dim_w: int = 16
+    latent_dim_z: int = 16
+    latent_dim_u: int = 32
+    nf: int = 40
+    nf_max: int = 128
+    cond_dim: int = 2
+    cond_hidden: list[int] = field(default_factory=lambda: [128, 256])
+    priorposterior: str = "Laplace"  # Laplace | Normal
+    likelihood: str = "bernoulli"  # bernoulli | normal | laplace
+    likelihood_scale: float = 0.75  # fixed scale of the normal / laplace likelihoods
+    objective: str = "elbo"  # elbo | dreg
+    beta: float = 2.5
+    K: int = 1
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, budget and bookkeeping."""
+
+    epochs: int = 250
+    batch_size: int = 128
+    lr: float = 1e-3
+    amsgrad: bool = True
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | mps
+    val_every: int = 1  # epochs between validations
+    checkpoint_every_steps: int = 0  # 0: only at epoch ends
+    checkpoint_every_minutes: float = 10.0
+    max_steps: int = 0  # 0: no limit
+    max_minutes: float = 0.0  # 0: no limit
+    max_nonfinite_steps: int = 20  # consecutive NaN/Inf losses before training stops
+    output_dir: str = "outputs"
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases tracking. ``mode``: auto (online when logged in, else offline), online, offline, off."""
+
+    mode: str = "auto"
+    project: str = "epure"
+    entity: str | None = None
+    name: str | None = None
+    tags: list[str] = field(default_factory=list)
+    group: str | None = None
+    notes: str | None = None
+    log_every_steps: int = 10
+    images_every_epochs: int = 5
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def updated(self, overrides: dict[str, Any]) -> "Config":
+        """A validated copy with dotted-key overrides applied (``{"model.beta": 1.0}``)."""
+        tree = self.to_dict()
+        for dotted, value in overrides.items():
+            section, _, key = dotted.partition(".")
+            if not key or section not in tree or key not in tree[section]:
+                raise ConfigError(f"unknown config key '{dotted}'{_suggest(dotted, dotted_keys())}")
+            tree[section][key] = value
+        return config_from_dict(tree)
+
+
+def dotted_keys() -> list[str]:
+    """Every addressable key, e.g. ``model.beta``."""
+    return [f"{name}.{f.name}" for name, cls in _SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+_SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "wandb": WandbConfig}
+
+
+def _suggest(name: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else f"; valid keys: {', '.join(valid)}"
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check ``value`` against a dataclass field annotation; ints are accepted for floats."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, where)
+    if origin is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{where}' must be a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{where}' must be a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if annotation is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{where}' must be an integer, got {type(value).__name__} {value!r}")
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{where}' must be true or false, got {value!r}")
+        return value
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{where}' must be a string, got {type(value).__name__} {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {annotation} for {where}")
+
+
+def config_from_dict(tree: dict[str, Any] | None) -> Config:
+    """Build and validate a Config from a nested dict; unknown keys and wrong types name the key."""
+    tree = tree or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(tree).__name__}")
+    sections = {}
+    for name, values in tree.items():
+        if name not in _SECTIONS:
+            raise ConfigError(f"unknown config section '{name}'{_suggest(name, list(_SECTIONS))}")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section '{name}' must be a mapping, got {type(values).__name__}")
+        cls = _SECTIONS[name]
+        hints = typing.get_type_hints(cls)
+        valid = [f.name for f in dataclasses.fields(cls)]
+        kwargs = {}
+        for key, value in values.items():
+            if key not in hints:
+                raise ConfigError(
+                    f"unknown config key '{name}.{key}'{_suggest(f'{name}.{key}', [f'{name}.{v}' for v in valid])}"
+                )
+            kwargs[key] = _coerce(value, hints[key], f"{name}.{key}")
+        sections[name] = cls(**kwargs)
+    config = Config(**sections)
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Cross-field checks, once, before anything runs."""
+    d, m, t, w = config.data, config.model, config.train, config.wandb
+    if len(d.components) < 2:
+        raise ConfigError(f"data.components needs at least 2 components, got {d.components}")
+    if len(set(d.components)) != len(d.components):
+        raise ConfigError(f"data.components has duplicates: {d.components}")
+    if len(d.image_size) != 2 or any(s <= 0 or s % 8 for s in d.image_size):
+        raise ConfigError(f"data.image_size must be [rows, columns], each a positive multiple of 8, got {d.image_size}")
+    if "{prefix}" not in d.filename_pattern or "{component}" not in d.filename_pattern:
+        raise ConfigError(f"data.filename_pattern must contain {{prefix}} and {{component}}, got {d.filename_pattern!r}")
+    if not 0.0 <= d.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
+    if m.latent_dim_u != m.latent_dim_w + m.latent_dim_z:
+        raise ConfigError(
+            f"model.latent_dim_u ({m.latent_dim_u}) must equal model.latent_dim_w + model.latent_dim_z "
+            f"({m.latent_dim_w} + {m.latent_dim_z} = {m.latent_dim_w + m.latent_dim_z})"
+        )
+    if m.cond_dim != len(d.condition_columns):
+        raise ConfigError(
+            f"model.cond_dim ({m.cond_dim}) must equal the number of data.condition_columns {d.condition_columns}"
+        )
+    for key, value in [("model.latent_dim_w", m.latent_dim_w), ("model.latent_dim_z", m.latent_dim_z),
+                       ("model.nf", m.nf), ("model.nf_max", m.nf_max), ("model.K", m.K),
+                       ("train.batch_size", t.batch_size), ("train.epochs", t.epochs), ("train.val_every", t.val_every)]:
+        if value <= 0:
+            raise ConfigError(f"config key '{key}' must be positive, got {value}")
+    choices = {
+        "model.priorposterior": (m.priorposterior, ["Laplace", "Normal"]),
+        "model.likelihood": (m.likelihood, ["bernoulli", "normal", "laplace"]),
+        "model.objective": (m.objective, ["elbo", "dreg"]),
+        "train.device": (t.device, ["auto", "cpu", "cuda", "mps"]),
+        "wandb.mode": (w.mode, ["auto", "online", "offline", "off"]),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}' must be one of {allowed}, got {value!r}")
+    if m.beta < 0 or t.lr <= 0:
+        raise ConfigError(f"model.beta must be >= 0 and train.lr > 0, got beta={m.beta}, lr={t.lr}")
+
+
+def builtin_config_path(name: str) -> Path:
+    """Path of a config shipped with the package (``small``, ``toy``, ``mmvaeplus_default``)."""
+    path = Path(str(resources.files("epure") / "configs" / f"{name}.yaml"))
+    if not path.exists():
+        shipped = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise ConfigError(f"no built-in config '{name}'; shipped configs: {', '.join(shipped)}")
+    return path
+
+
+def load_config(source: str | Path | None = None) -> Config:
+    """Load a YAML file, or a built-in config by name; ``None`` gives the small preset."""
+    if source is None:
+        source = "small"
+    path = Path(source)
+    if not path.is_file() and path.suffix == "" and "/" not in str(source):
+        path = builtin_config_path(str(source))
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    try:
+        return config_from_dict(tree)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from err
+
+
+def save_config(config: Config, path: Path) -> None:
+    """Write the resolved config as YAML, atomically."""
+    from epure.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

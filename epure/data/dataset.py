@@ -1,0 +1,248 @@
+"""Loading a tire dataset into memory: validate, decode each PNG once, cache the arrays on disk.
+
+Layout (the users' own): ``ROOT/{train,test}/{component}/{prefix}_{component}.png`` and a CSV
+(``ROOT/dimensions.csv``) with an id column, condition columns and a boolean split column. A split is held as
+one uint8 array ``images[N, M, H, W]`` plus ``conditions[N, C]`` (raw pixels, float32) and the ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from epure.config import DataConfig
+from epure.data.cache import cache_root
+from epure.io import atomic_write
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "test")
+CACHE_FORMAT = 1
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be used as it is; the message names the file, row or column."""
+
+
+@dataclass
+class Split:
+    """One split held in memory."""
+
+    images: np.ndarray  # uint8 [N, M, H, W], 0..255
+    conditions: np.ndarray  # float32 [N, C], raw (pixels)
+    ids: np.ndarray  # str [N]
+    components: list[str]
+    condition_columns: list[str]
+    fingerprint: str = ""
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def subset(self, index: np.ndarray) -> "Split":
+        return Split(self.images[index], self.conditions[index], self.ids[index], self.components,
+                     self.condition_columns, self.fingerprint)
+
+
+@dataclass
+class ConditionNormalizer:
+    """Standardises conditions with statistics fitted on the train split only.
+
+    It travels with every checkpoint, so users always pass raw ``width_px``/``height_px``.
+    """
+
+    columns: list[str]
+    mean: list[float]
+    std: list[float]
+    low: list[float]  # observed training range, to warn on out-of-range requests
+    high: list[float]
+
+    @classmethod
+    def fit(cls, train: Split) -> "ConditionNormalizer":
+        c = train.conditions.astype(np.float64)
+        std = np.where(c.std(0) > 1e-8, c.std(0), 1.0)
+        return cls(list(train.condition_columns), c.mean(0).tolist(), std.tolist(), c.min(0).tolist(),
+                   c.max(0).tolist())
+
+    def normalize(self, raw: np.ndarray) -> np.ndarray:
+        return ((np.asarray(raw, dtype=np.float64) - self.mean) / self.std).astype(np.float32)
+
+    def to_dict(self) -> dict:
+        return {"columns": self.columns, "mean": self.mean, "std": self.std, "low": self.low, "high": self.high}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ConditionNormalizer":
+        return cls(list(d["columns"]), list(d["mean"]), list(d["std"]), list(d["low"]), list(d["high"]))
+
+
+# ---------------------------------------------------------------------------------------------- CSV
+
+
+def read_table(root: Path, cfg: DataConfig) -> pd.DataFrame:
+    """Read and validate the CSV: required columns, numeric finite conditions, unique ids, boolean split."""
+    csv_path = Path(cfg.csv) if Path(cfg.csv).is_absolute() else root / cfg.csv
+    if not csv_path.is_file():
+        raise DatasetError(f"{csv_path}: CSV file not found (set data.csv to its path)")
+    try:
+        table = pd.read_csv(csv_path, dtype={cfg.id_column: str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as err:
+        raise DatasetError(f"{csv_path}: cannot be read as CSV: {err}") from err
+    required = [cfg.id_column, *cfg.condition_columns, cfg.split_column]
+    missing = [c for c in required if c not in table.columns]
+    if missing:
+        raise DatasetError(f"{csv_path}: missing required column(s) {missing}; columns present: {list(table.columns)}")
+    if table.empty:
+        raise DatasetError(f"{csv_path}: has no rows")
+    ids = table[cfg.id_column]
+    if ids.isna().any():
+        row = int(np.flatnonzero(ids.isna().to_numpy())[0])
+        raise DatasetError(f"{csv_path}: row {row + 2}: empty value in id column '{cfg.id_column}'")
+    duplicated = ids[ids.duplicated(keep=False)]
+    if len(duplicated):
+        first = list(dict.fromkeys(duplicated.tolist()))[:10]
+        raise DatasetError(f"{csv_path}: {duplicated.nunique()} duplicate id(s) in column '{cfg.id_column}', "
+                           f"e.g. {first}")
+    for column in cfg.condition_columns:
+        values = pd.to_numeric(table[column], errors="coerce")
+        bad = ~np.isfinite(values.to_numpy(dtype=np.float64))
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise DatasetError(
+                f"{csv_path}: row {row + 2} (id {ids.iloc[row]!r}): condition column '{column}' has "
+                f"{table[column].iloc[row]!r}, not a finite number ({int(bad.sum())} such row(s))"
+            )
+        table[column] = values.astype(np.float32)
+    table[cfg.split_column] = _parse_split(table, cfg, csv_path)
+    return table
+
+
+def _parse_split(table: pd.DataFrame, cfg: DataConfig, csv_path: Path) -> pd.Series:
+    truthy = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+    parsed = table[cfg.split_column].map(lambda v: truthy.get(str(v).strip().lower()))
+    if parsed.isna().any():
+        row = int(np.flatnonzero(parsed.isna().to_numpy())[0])
+        raise DatasetError(f"{csv_path}: row {row + 2}: split column '{cfg.split_column}' has "
+                           f"{table[cfg.split_column].iloc[row]!r}; expected True or False")
+    return parsed.astype(bool)
+
+
+# ------------------------------------------------------------------------------------------- images
+
+
+def _component_dirs(root: Path, split: str, cfg: DataConfig) -> dict[str, Path]:
+    """The split's component folders, with clear errors for names not on disk."""
+    dirs = {}
+    for component in cfg.components:
+        folder = root / split / component
+        if folder.is_dir():
+            dirs[component] = folder
+            continue
+        anywhere = any((root / s / component).is_dir() for s in SPLITS)
+        if anywhere:
+            raise DatasetError(f"{folder}: missing component folder for '{component}' in split '{split}'")
+        on_disk = sorted({p.name for s in SPLITS if (root / s).is_dir() for p in (root / s).iterdir() if p.is_dir()})
+        raise DatasetError(f"component '{component}' (data.components) is not on disk under {root}/{{train,test}}/; "
+                           f"components found: {on_disk or 'none'}")
+    return dirs
+
+
+def _fingerprint(root: Path, split: str, cfg: DataConfig, dirs: dict[str, Path], csv_path: Path) -> str:
+    """Hash of the layout settings and every file's name, size and mtime: a changed file changes it."""
+    digest = hashlib.sha256()
+    layout = {k: getattr(cfg, k) for k in ("components", "filename_pattern", "id_column", "condition_columns",
+                                           "split_column", "image_size")}
+    digest.update(json.dumps([CACHE_FORMAT, str(root.resolve()), split, layout], sort_keys=True).encode())
+    for path in [csv_path]:
+        st = path.stat()
+        digest.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    for component, folder in dirs.items():
+        entries = sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(folder))
+        digest.update(component.encode())
+        digest.update(json.dumps(entries).encode())
+    return digest.hexdigest()[:32]
+
+
+def _decode(path: Path, expected: tuple[int, int]) -> np.ndarray:
+    try:
+        with Image.open(path) as image:
+            image.load()
+            gray = image.convert("L")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise DatasetError(f"{path}: unreadable or truncated image ({err})") from err
+    array = np.asarray(gray, dtype=np.uint8)
+    if array.shape != expected:
+        raise DatasetError(f"{path}: image is {array.shape[0]}x{array.shape[1]} (rows x columns), "
+                           f"expected {expected[0]}x{expected[1]} (data.image_size)")
+    return array
+
+
+def _decode_split(root: Path, split: str, cfg: DataConfig, ids: list[str], dirs: dict[str, Path]) -> np.ndarray:
+    expected = (cfg.image_size[0], cfg.image_size[1])
+    paths = []
+    for component, folder in dirs.items():
+        present = set(os.listdir(folder))
+        names = [cfg.filename_pattern.format(prefix=i, component=component) for i in ids]
+        missing = [n for n in names if n not in present]
+        if missing:
+            raise DatasetError(f"{folder}: {len(missing)} image(s) missing for split '{split}', "
+                               f"first {min(10, len(missing))}: {missing[:10]}")
+        paths.append([folder / n for n in names])
+    images = np.empty((len(ids), len(dirs), *expected), dtype=np.uint8)
+    flat = [(i, m, p) for m, column in enumerate(paths) for i, p in enumerate(column)]
+
+    def work(item: tuple[int, int, Path]) -> None:
+        i, m, p = item
+        images[i, m] = _decode(p, expected)
+
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
+        list(pool.map(work, flat, chunksize=256))
+    return images
+
+
+def load_split(root: str | Path, split: str, cfg: DataConfig, use_cache: bool = True) -> Split:
+    """Load one split (``train`` or ``test``), from the on-disk cache when nothing changed.
+
+    Every check runs before any cache is written, so a bad dataset never leaves a cache behind.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: dataset folder not found")
+    table = read_table(root, cfg)
+    csv_path = Path(cfg.csv) if Path(cfg.csv).is_absolute() else root / cfg.csv
+    rows = table[table[cfg.split_column] == (split == "train")]
+    if rows.empty:
+        raise DatasetError(f"{csv_path}: split '{split}' is empty (no row with {cfg.split_column} = "
+                           f"{split == 'train'})")
+    dirs = _component_dirs(root, split, cfg)
+    key = _fingerprint(root, split, cfg, dirs, csv_path)
+    cache_file = cache_root() / "datasets" / f"{split}-{key}.npz"
+    ids = rows[cfg.id_column].astype(str).to_numpy()
+    conditions = rows[cfg.condition_columns].to_numpy(dtype=np.float32)
+    if use_cache and cache_file.is_file():
+        try:
+            with np.load(cache_file, allow_pickle=False) as cached:
+                images = cached["images"]
+            if images.shape[0] == len(ids):
+                return Split(images, conditions, ids, list(cfg.components), list(cfg.condition_columns), key)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            log.warning("dataset cache %s is unreadable; decoding the images again", cache_file)
+    images = _decode_split(root, split, cfg, list(ids), dirs)
+    if use_cache:
+        atomic_write(cache_file, lambda tmp: _save_npz(tmp, images))
+    return Split(images, conditions, ids, list(cfg.components), list(cfg.condition_columns), key)
+
+
+def _save_npz(path: Path, images: np.ndarray) -> None:
+    with open(path, "wb") as handle:
+        np.savez(handle, images=images)

@@ -1,0 +1,114 @@
+"""Where a dataset comes from: a folder of the user's, the built-in synthetic set, or the public toy set.
+
+``data.root`` may name a folder, ``builtin:synthetic`` (also what an empty root means) or ``builtin:toy``.
+Built-in sets are materialised once into the cache and reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+import epure
+from epure.config import DataConfig
+from epure.data.cache import cache_root
+from epure.data.dataset import ConditionNormalizer, DatasetError, Split, load_split
+
+log = logging.getLogger(__name__)
+
+SYNTHETIC = "builtin:synthetic"
+TOY = "builtin:toy"
+TOY_ARCHIVE_SHA256 = "80f74d242df524a812bf40bf69bc131c854ced3cc9ea06ce201f9a46627bd44d"
+
+
+def resolve_root(cfg: DataConfig) -> Path:
+    """The folder to load ``cfg`` from, generating or unpacking a built-in set on first use."""
+    root = cfg.root or SYNTHETIC
+    if root == SYNTHETIC:
+        return synthetic_root(cfg.synthetic_n, cfg.synthetic_seed)
+    if root == TOY:
+        return toy_root()
+    return Path(root).expanduser()
+
+
+def synthetic_root(n: int, seed: int) -> Path:
+    """The built-in synthetic dataset of ``n`` designs for ``seed``, generated once into the cache."""
+    from epure.data.synth import write_synthetic_dataset
+
+    folder = cache_root() / "builtin" / f"synthetic-n{n}-seed{seed}"
+    if not (folder / "dimensions.csv").is_file():
+        log.info("generating the built-in synthetic dataset (%d designs) into %s", n, folder)
+        if folder.exists():  # an interrupted earlier attempt
+            shutil.rmtree(folder)
+        write_synthetic_dataset(folder, n=n, seed=seed)
+    return folder
+
+
+def toy_archive() -> Path | None:
+    """The public toy archive: ``$EPURE_TOY_ARCHIVE``, else ``shared/data/toy_epure.tar.gz`` beside the clone."""
+    candidates = []
+    if os.environ.get("EPURE_TOY_ARCHIVE"):
+        candidates.append(Path(os.environ["EPURE_TOY_ARCHIVE"]))
+    repo = Path(epure.__file__).resolve().parents[1]
+    candidates += [repo.parent / "shared" / "data" / "toy_epure.tar.gz",
+                   Path.cwd().parent / "shared" / "data" / "toy_epure.tar.gz"]
+    return next((p for p in candidates if p.is_file()), None)
+
+
+def toy_root() -> Path:
+    """Unpack the public toy set into the cache once (never into ``shared/``) and return its folder."""
+    folder = cache_root() / "builtin" / "toy"
+    if (folder / "toy_epure" / "dimensions.csv").is_file():
+        return folder / "toy_epure"
+    archive = toy_archive()
+    if archive is None:
+        raise DatasetError("the public toy set was not found: put ../shared/data/toy_epure.tar.gz beside the clone "
+                           "or set EPURE_TOY_ARCHIVE to its path")
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    if digest != TOY_ARCHIVE_SHA256:
+        raise DatasetError(f"{archive}: sha256 {digest} does not match the published {TOY_ARCHIVE_SHA256}")
+    tmp = folder.parent / f".toy.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    log.info("unpacking %s into %s", archive, folder)
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp, filter="data")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return folder / "toy_epure"
+
+
+@dataclass
+class DataBundle:
+    """Everything training needs: train/validation/test splits and the train-fitted normaliser."""
+
+    root: Path
+    train: Split
+    val: Split
+    test: Split
+    normalizer: ConditionNormalizer
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(f"{self.train.fingerprint}:{self.test.fingerprint}".encode()).hexdigest()[:16]
+
+
+def load_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
+    """Load both splits and hold out ``cfg.val_fraction`` of train (fixed by ``seed``) for validation."""
+    root = resolve_root(cfg)
+    full_train = load_split(root, "train", cfg)
+    test = load_split(root, "test", cfg)
+    order = np.random.default_rng(seed).permutation(len(full_train))
+    n_val = int(round(cfg.val_fraction * len(full_train)))
+    if n_val == 0 or n_val == len(full_train):
+        train, val = full_train, full_train.subset(order[: max(1, min(len(full_train), 256))])
+    else:
+        train, val = full_train.subset(np.sort(order[n_val:])), full_train.subset(np.sort(order[:n_val]))
+    return DataBundle(root, train, val, test, ConditionNormalizer.fit(train))

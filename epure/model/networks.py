@@ -1,0 +1,110 @@
+"""Convolutional building blocks: ResNet encoder towers, ResNet decoders and the condition MLP.
+
+Channel width starts at ``nf`` and doubles at each of the three downsamplings, capped at ``nf_max``; a
+64x32 mask becomes an 8x4 feature map. No normalisation layers: samples from different sources are
+decoded in one batch, so nothing may depend on batch statistics.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+DOWNSAMPLINGS = 3
+
+
+def stage_channels(nf: int, nf_max: int) -> list[int]:
+    """Channels after the stem and after each downsampling: nf, 2nf, 4nf, 8nf, each capped at nf_max."""
+    return [min(nf * 2**i, nf_max) for i in range(DOWNSAMPLINGS + 1)]
+
+
+class ResBlock(nn.Module):
+    """Pre-activation residual block that optionally halves (down) or doubles (up) the resolution.
+
+    An up block runs its first convolution before upsampling, at the low resolution: half the cost of a
+    decoder pass, where most of the training arithmetic goes (M^2 decoder passes per step, M encoder passes).
+    """
+
+    def __init__(self, c_in: int, c_out: int, resample: str | None = None):
+        super().__init__()
+        self.resample = resample
+        stride = 2 if resample == "down" else 1
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1, stride=stride) if (c_in != c_out or stride != 1) else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(x))
+        skip = self.skip(x)
+        if self.resample == "up":
+            h = F.interpolate(h, scale_factor=2.0, mode="nearest")
+            skip = F.interpolate(skip, scale_factor=2.0, mode="nearest")
+        return skip + self.conv2(F.silu(h))
+
+
+class EncoderTower(nn.Module):
+    """One mask -> (loc, raw scale) of a latent, with the condition embedding joined before the head."""
+
+    def __init__(self, image_size: tuple[int, int], nf: int, nf_max: int, cond_features: int, latent_dim: int):
+        super().__init__()
+        channels = stage_channels(nf, nf_max)
+        self.stem = nn.Conv2d(1, channels[0], 3, padding=1)
+        self.blocks = nn.Sequential(*[ResBlock(channels[i], channels[i + 1], "down") for i in range(DOWNSAMPLINGS)])
+        flat = channels[-1] * (image_size[0] >> DOWNSAMPLINGS) * (image_size[1] >> DOWNSAMPLINGS)
+        self.head = nn.Linear(flat + cond_features, 2 * latent_dim)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = F.silu(self.blocks(self.stem(x))).flatten(1)
+        loc, raw_scale = self.head(torch.cat([h, cond], dim=1)).chunk(2, dim=1)
+        return loc, raw_scale
+
+
+class Encoder(nn.Module):
+    """Per component: two towers, one for the private latent w and one for the shared latent z."""
+
+    def __init__(self, image_size, nf, nf_max, cond_features, latent_dim_w, latent_dim_z):
+        super().__init__()
+        self.w_tower = EncoderTower(image_size, nf, nf_max, cond_features, latent_dim_w)
+        self.z_tower = EncoderTower(image_size, nf, nf_max, cond_features, latent_dim_z)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor):
+        """x [B, 1, H, W] -> (w_loc, w_raw_scale, z_loc, z_raw_scale)."""
+        return (*self.w_tower(x, cond), *self.z_tower(x, cond))
+
+
+class Decoder(nn.Module):
+    """u = [w, z] joined with the condition embedding -> Bernoulli logits (or means) of one mask."""
+
+    def __init__(self, image_size: tuple[int, int], nf: int, nf_max: int, cond_features: int, latent_dim_u: int):
+        super().__init__()
+        channels = stage_channels(nf, nf_max)
+        self.base_shape = (channels[-1], image_size[0] >> DOWNSAMPLINGS, image_size[1] >> DOWNSAMPLINGS)
+        self.fc = nn.Linear(latent_dim_u + cond_features, channels[-1] * self.base_shape[1] * self.base_shape[2])
+        self.blocks = nn.Sequential(*[ResBlock(channels[i + 1], channels[i], "up")
+                                      for i in reversed(range(DOWNSAMPLINGS))])
+        self.out = nn.Conv2d(channels[0], 1, 3, padding=1)
+
+    def forward(self, u: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """u [N, latent_dim_u], cond [N, cond_features] -> [N, H, W]."""
+        h = self.fc(torch.cat([u, cond], dim=1)).view(-1, *self.base_shape)
+        return self.out(F.silu(self.blocks(h))).squeeze(1)
+
+
+class ConditionMLP(nn.Module):
+    """Normalised dimensions (width_px, height_px) -> an embedding shared by every encoder and decoder."""
+
+    def __init__(self, cond_dim: int, hidden: list[int]):
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = cond_dim
+        for i, h in enumerate(hidden):
+            layers.append(nn.Linear(width, h))
+            if i < len(hidden) - 1:
+                layers.append(nn.GELU())
+            width = h
+        self.net = nn.Sequential(*layers)
+        self.out_features = width
+
+    def forward(self, c: torch.Tensor) -> torch.Tensor:
+        return self.net(c)

@@ -1,0 +1,217 @@
+"""Sampling from a trained model: whole designs from the prior, or completions from observed components.
+
+Generation runs in fixed-size batches and writes each batch before the next, so memory stays flat for any
+number of samples. Files follow the users' own layout:
+
+- unconditional: ``OUT/unconditional/<component>/<id>_<component>.png``, ``OUT/unconditional/composites/<id>.png``
+  and ``OUT/unconditional/grid.png``;
+- inpainting: ``OUT/<observed>/<target>/<id>_<target>.png`` (``<obs1>+<obs2>`` with ``--joint``), where
+  observed == target is the reconstruction, and ``OUT/<observed>/grid.png``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from epure.checkpoint import LoadedModel
+from epure.viz import composite, design_grid, grid, save_png
+
+log = logging.getLogger(__name__)
+
+
+class SamplingError(ValueError):
+    """A sampling request that cannot be served; the message says what to change."""
+
+
+def component_indices(names: list[str], components: list[str]) -> list[int]:
+    """Positions of ``names`` in the model's components; an unknown name lists the valid ones."""
+    unknown = [n for n in names if n not in components]
+    if unknown:
+        raise SamplingError(f"unknown component(s) {unknown}; this model's components are: {', '.join(components)}")
+    return [components.index(n) for n in names]
+
+
+def check_conditions(loaded: LoadedModel, raw: np.ndarray) -> None:
+    """Warn once when requested conditions leave the training range (the model extrapolates there)."""
+    norm = loaded.normalizer
+    for i, column in enumerate(norm.columns):
+        outside = (raw[:, i] < norm.low[i]) | (raw[:, i] > norm.high[i])
+        if outside.any():
+            log.warning("%d of %d requested %s values lie outside the training range [%g, %g]",
+                        int(outside.sum()), len(raw), column, norm.low[i], norm.high[i])
+
+
+def _to_tensor(loaded: LoadedModel, raw_conditions: np.ndarray) -> torch.Tensor:
+    device = next(loaded.model.parameters()).device
+    return torch.from_numpy(loaded.normalizer.normalize(raw_conditions)).to(device)
+
+
+@torch.no_grad()
+def generate(loaded: LoadedModel, raw_conditions: np.ndarray, batch_size: int = 256,
+             seed: int = 0) -> Iterator[np.ndarray]:
+    """Unconditional designs for each row of raw conditions, yielded as float32 [b, M, H, W] batches."""
+    generator = torch.Generator(device=next(loaded.model.parameters()).device).manual_seed(seed)
+    for start in range(0, len(raw_conditions), batch_size):
+        cond = _to_tensor(loaded, raw_conditions[start: start + batch_size])
+        yield loaded.model.generate(loaded.model.embed(cond), generator).cpu().numpy()
+
+
+@torch.no_grad()
+def complete(loaded: LoadedModel, images: np.ndarray, raw_conditions: np.ndarray, observed: list[int],
+             joint: str = "mixture", use_mean: bool = False, batch_size: int = 256,
+             seed: int = 0) -> Iterator[np.ndarray]:
+    """Every component generated from the ``observed`` ones of uint8 designs [N, M, H, W], in batches."""
+    device = next(loaded.model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    for start in range(0, len(images), batch_size):
+        x = torch.from_numpy(images[start: start + batch_size]).to(device).float().div_(255)
+        cond = _to_tensor(loaded, raw_conditions[start: start + batch_size])
+        yield loaded.model.complete(x, loaded.model.embed(cond), observed, joint, use_mean, generator).cpu().numpy()
+
+
+def to_png_array(probs: np.ndarray, binary: bool) -> np.ndarray:
+    """Probabilities -> uint8 pixels: thresholded at 0.5 to 0/255 with ``binary``, else grey levels."""
+    return np.where(probs > 0.5, 255, 0).astype(np.uint8) if binary else (np.clip(probs, 0, 1) * 255).round().astype(np.uint8)
+
+
+def _write_pngs(jobs: list[tuple[Path, np.ndarray]]) -> None:
+    def write(job: tuple[Path, np.ndarray]) -> None:
+        path, array = job
+        Image.fromarray(array).save(path, format="PNG")
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        list(pool.map(write, jobs))
+
+
+@dataclass
+class SampleReport:
+    out_dir: Path
+    count: int
+    folders: list[Path]
+
+
+def write_unconditional(loaded: LoadedModel, out_dir: Path, raw_conditions: np.ndarray, ids: list[str],
+                        binary: bool = False, batch_size: int = 256, seed: int = 0,
+                        grid_count: int = 16) -> SampleReport:
+    """One PNG per component per sample, a colour composite per sample and a grid of the first samples."""
+    check_conditions(loaded, raw_conditions)
+    root = Path(out_dir) / "unconditional"
+    folders = [root / c for c in loaded.components] + [root / "composites"]
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+    preview = []
+    for start, batch in zip(range(0, len(ids), batch_size), generate(loaded, raw_conditions, batch_size, seed)):
+        pixels = to_png_array(batch, binary)
+        jobs = []
+        for j, design in enumerate(pixels):
+            sample_id = ids[start + j]
+            jobs += [(root / c / f"{sample_id}_{c}.png", design[m]) for m, c in enumerate(loaded.components)]
+            jobs.append((root / "composites" / f"{sample_id}.png", composite(design)))
+        _write_pngs(jobs)
+        preview += list(pixels[: max(0, grid_count - len(preview))])
+    save_png(design_grid(np.stack(preview)), root / "grid.png")
+    return SampleReport(Path(out_dir), len(ids), folders)
+
+
+def write_completions(loaded: LoadedModel, out_dir: Path, images: np.ndarray, raw_conditions: np.ndarray,
+                      ids: list[str], observed_sets: list[list[str]], binary: bool = False, joint: str = "mixture",
+                      use_mean: bool = False, batch_size: int = 256, seed: int = 0,
+                      grid_count: int = 8) -> SampleReport:
+    """For each observed set, every target component generated from it, one folder per (observed, target)."""
+    folders = []
+    for names in observed_sets:
+        observed = component_indices(names, loaded.components)
+        label = "+".join(names)
+        targets = {c: Path(out_dir) / label / c for c in loaded.components}
+        for folder in targets.values():
+            folder.mkdir(parents=True, exist_ok=True)
+        preview_rows: list[list[np.ndarray]] = []
+        batches = complete(loaded, images, raw_conditions, observed, joint, use_mean, batch_size, seed)
+        for start, batch in zip(range(0, len(ids), batch_size), batches):
+            pixels = to_png_array(batch, binary)
+            _write_pngs([(targets[c] / f"{ids[start + j]}_{c}.png", design[m])
+                         for j, design in enumerate(pixels) for m, c in enumerate(loaded.components)])
+            for j in range(min(len(pixels), grid_count - len(preview_rows))):
+                truth = images[start + j]
+                preview_rows.append([*truth, composite(truth), *pixels[j], composite(pixels[j])])
+        save_png(grid(preview_rows), Path(out_dir) / label / "grid.png")
+        folders += list(targets.values())
+    return SampleReport(Path(out_dir), len(ids), folders)
+
+
+def cross_matrix_image(loaded: LoadedModel, images: np.ndarray, raw_conditions: np.ndarray,
+                       seed: int = 0) -> Image.Image:
+    """For a few examples: row = observed component, column = generated component, ground truth first."""
+    rows = []
+    for i in range(min(len(images), 4)):
+        rows.append([*images[i], composite(images[i])])
+        for m in range(len(loaded.components)):
+            (batch,) = complete(loaded, images[i: i + 1], raw_conditions[i: i + 1], [m], seed=seed)
+            rows.append([*batch[0], composite(batch[0] > 0.5)])
+    return grid(rows)
+
+
+def progress_images(loaded: LoadedModel, images: np.ndarray, raw_conditions: np.ndarray,
+                    count: int = 8, seed: int = 0) -> dict[str, Image.Image]:
+    """The pictures logged while training: prior samples, the cross-component matrix, colour composites."""
+    (samples,) = generate(loaded, raw_conditions[:count], batch_size=count, seed=seed)
+    composites = grid([[composite(s > 0.5) for s in samples]])
+    return {"samples/unconditional": design_grid(samples),
+            "samples/cross_matrix": cross_matrix_image(loaded, images, raw_conditions, seed),
+            "samples/composites": composites}
+
+
+def unconditional_requests(loaded: LoadedModel, num_samples: int, width: float | None, height: float | None,
+                           conditions_csv: Path | None, seed: int) -> tuple[np.ndarray, list[str]]:
+    """Raw conditions and ids for unconditional sampling.
+
+    From a CSV (one sample per row, named by its id column), from ``--width/--height`` for every sample,
+    or drawn from the training conditions' range when neither is given.
+    """
+    import pandas as pd
+
+    norm = loaded.normalizer
+    if conditions_csv is not None:
+        table = pd.read_csv(conditions_csv)
+        id_column = loaded.config.data.id_column
+        missing = [c for c in [id_column, *norm.columns] if c not in table.columns]
+        if missing:
+            raise SamplingError(f"{conditions_csv}: missing column(s) {missing}; columns present: {list(table.columns)}")
+        raw = table[norm.columns].apply(pd.to_numeric, errors="coerce").to_numpy(np.float32)
+        bad = ~np.isfinite(raw).all(1)
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise SamplingError(f"{conditions_csv}: row {row + 2}: conditions {norm.columns} must be finite numbers")
+        return raw, table[id_column].astype(str).tolist()
+    if num_samples <= 0:
+        raise SamplingError(f"--num_samples must be positive, got {num_samples}")
+    rng = np.random.default_rng(seed)
+    given = {"width_px": width, "height_px": height}
+    columns = []
+    for i, column in enumerate(norm.columns):
+        value = given.get(column)
+        if value is not None:
+            columns.append(np.full(num_samples, value, np.float32))
+        else:  # a plausible spread around the training distribution, kept inside its range
+            drawn = rng.normal(norm.mean[i], norm.std[i], num_samples).round()
+            columns.append(np.clip(drawn, norm.low[i], norm.high[i]).astype(np.float32))
+    return np.stack(columns, axis=1), [f"sample_{i:05d}" for i in range(num_samples)]
+
+
+def completion_split(loaded: LoadedModel, data_root: str | None, limit: int | None):
+    """The test split to complete: of ``data_root`` if given (same components), else of the training data."""
+    from epure.data import load_split, resolve_root
+
+    cfg = loaded.config.data
+    if data_root is not None:
+        cfg.root = data_root
+    split = load_split(resolve_root(cfg), "test", cfg)
+    return split.subset(np.arange(min(limit, len(split)))) if limit else split

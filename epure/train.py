@@ -1,0 +1,304 @@
+"""Training MMVAE+: one loop, top to bottom.
+
+The whole train split sits in memory as uint8 (on the training device); each epoch draws a permutation
+from (seed, epoch), so a run resumed from a checkpoint at any step sees the same batches and, with the RNG
+state restored, the same noise as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from epure.checkpoint import LoadedModel, git_commit, read_run_checkpoint, save_checkpoint
+from epure.config import Config, config_from_dict, save_config
+from epure.data import DataBundle, load_data
+from epure.io import atomic_write_json, atomic_write_text
+from epure.model import MMVAEPlus, build_model, forward_objective
+from epure.tracking import NullTracker
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss kept being NaN); the message names the step and the batch."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    status: str  # finished | interrupted | budget
+    epoch: int  # epochs completed
+    step: int
+    best_val_loss: float
+    last_val_loss: float
+    skipped_steps: int = 0
+    signal_name: str | None = None
+
+
+def select_device(name: str) -> torch.device:
+    """``auto`` picks CUDA, then Apple MPS, then the CPU; an unavailable explicit choice is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("--device cuda was asked for, but torch sees no CUDA GPU")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise TrainingError("--device mps was asked for, but this machine has no Apple MPS device")
+    return torch.device(name)
+
+
+def new_run_dir(output_dir: str | Path) -> Path:
+    """``OUTPUT/mmvaeplus/YYYY-MM-DD_HH-MM-SS`` (a suffix keeps two runs in the same second apart)."""
+    base = Path(output_dir) / "mmvaeplus" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    candidate, n = base, 1
+    while candidate.exists():
+        candidate, n = base.with_name(f"{base.name}_{n}"), n + 1
+    candidate.mkdir(parents=True)
+    return candidate
+
+
+class StopFlag:
+    """SIGINT/SIGTERM ask the loop to stop after the current step (a second Ctrl-C stops at once)."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopFlag":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals stay with the caller
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        log.warning("%s received: finishing this step, saving a checkpoint, then stopping", self.signal_name)
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+@torch.no_grad()
+def validation_loss(model: MMVAEPlus, cfg: Config, images: torch.Tensor, conditions: torch.Tensor,
+                    batch_size: int) -> float:
+    """Mean objective over the validation split, with fixed noise so epochs compare."""
+    model.eval()
+    total, count = 0.0, 0
+    with torch.random.fork_rng(devices=[images.device] if images.device.type == "cuda" else []):
+        torch.manual_seed(12345)
+        for start in range(0, len(images), batch_size):
+            x = images[start: start + batch_size].float().div_(255)
+            c = conditions[start: start + batch_size]
+            out = forward_objective(model, x, c, "elbo", cfg.model.beta, 1)
+            total += out.loss.item() * len(x)
+            count += len(x)
+    model.train()
+    return total / max(count, 1)
+
+
+def write_metrics_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def read_metrics_csv(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def train(cfg: Config, *, resume: str | Path | None = None, data: DataBundle | None = None, tracker=None,
+          images_fn=None) -> TrainResult:
+    """Train (or resume) a model; returns where the run lives and how it ended.
+
+    ``images_fn(loaded_model, data) -> {name: PIL.Image}`` makes the pictures logged every
+    ``wandb.images_every_epochs`` epochs; ``tracker`` receives metrics, pictures and checkpoints.
+    """
+    tracker = tracker or NullTracker()
+    resume_state = None
+    if resume is not None:
+        run_dir = Path(resume)
+        _, resume_state = read_run_checkpoint(run_dir, prefer="last")
+        stored = config_from_dict(resume_state["config"])
+        stored.train.epochs, stored.train.max_steps = cfg.train.epochs, cfg.train.max_steps
+        stored.train.max_minutes, stored.train.device = cfg.train.max_minutes, cfg.train.device
+        cfg = stored
+    tc = cfg.train
+    device = select_device(tc.device)
+    torch.manual_seed(tc.seed)
+    np.random.seed(tc.seed)
+    data = data or load_data(cfg.data, seed=tc.seed)
+    normalizer = data.normalizer
+    model = build_model(cfg.model, cfg.data.components, cfg.data.image_size).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, amsgrad=tc.amsgrad)
+
+    epoch, step, batch_in_epoch, best_val = 0, 0, 0, math.inf
+    history: list[dict[str, Any]] = []
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        epoch, step = resume_state["epoch"], resume_state["step"]
+        batch_in_epoch = resume_state.get("batch_in_epoch", 0)
+        best_val = resume_state.get("best_val_loss", math.inf)
+        set_rng_state(resume_state["rng"])
+        history = read_metrics_csv(run_dir / "metrics.csv")
+        log.info("resuming %s at epoch %d, step %d", run_dir, epoch, step)
+    else:
+        run_dir = new_run_dir(tc.output_dir)
+        save_config(cfg, run_dir / "config.yaml")
+        atomic_write_json(run_dir / "normalization.json", normalizer.to_dict())
+        atomic_write_json(run_dir / "components.json", list(cfg.data.components))
+    (run_dir / "checkpoints").mkdir(exist_ok=True)
+
+    train_x = torch.from_numpy(data.train.images).to(device)
+    train_c = torch.from_numpy(normalizer.normalize(data.train.conditions)).to(device)
+    val_x = torch.from_numpy(data.val.images).to(device)
+    val_c = torch.from_numpy(normalizer.normalize(data.val.conditions)).to(device)
+    n, batch = len(train_x), tc.batch_size
+    steps_per_epoch = math.ceil(n / batch)
+
+    def checkpoint_state(next_epoch: int, next_batch: int, val_loss: float | None) -> dict[str, Any]:
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": cfg.to_dict(),
+                "components": list(cfg.data.components), "normalizer": normalizer.to_dict(),
+                "epoch": next_epoch, "batch_in_epoch": next_batch, "step": step, "val_loss": val_loss,
+                "best_val_loss": best_val, "rng": rng_state(), "data_fingerprint": data.fingerprint,
+                "git_commit": commit}
+
+    commit = git_commit()
+    status, skipped, nonfinite_run, last_val, loss = "finished", 0, 0, math.nan, math.nan
+    start_time = last_ckpt_time = time.monotonic()
+    window_start, window_samples = time.monotonic(), 0
+    model.train()
+    progress = Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("loss {task.fields[loss]:.1f}"), TextColumn("{task.fields[rate]:.0f} samples/s"),
+                        TimeElapsedColumn(), transient=False)
+    with StopFlag() as stop, progress:
+        task = progress.add_task("train", total=(tc.epochs - epoch) * steps_per_epoch - batch_in_epoch,
+                                 epoch=epoch + 1, loss=math.nan, rate=0.0)
+        while epoch < tc.epochs and status == "finished":
+            order = epoch_permutation(n, tc.seed, epoch).to(device)
+            while batch_in_epoch < steps_per_epoch:
+                index = order[batch_in_epoch * batch: (batch_in_epoch + 1) * batch]
+                x = train_x[index].float().div_(255)
+                out = forward_objective(model, x, train_c[index], cfg.model.objective, cfg.model.beta, cfg.model.K)
+                loss = out.loss.item()
+                batch_in_epoch += 1
+                if not math.isfinite(loss):
+                    skipped += 1
+                    nonfinite_run += 1
+                    optimizer.zero_grad(set_to_none=True)
+                    if nonfinite_run >= tc.max_nonfinite_steps:
+                        ids = data.train.ids[index.cpu().numpy()].tolist()
+                        raise TrainingError(f"loss was {loss} for {nonfinite_run} steps in a row; stopped at step "
+                                            f"{step + 1} (epoch {epoch + 1}); example ids of that batch: {ids}")
+                    continue
+                nonfinite_run = 0
+                optimizer.zero_grad(set_to_none=True)
+                out.loss.backward()
+                optimizer.step()
+                step += 1
+                window_samples += len(index)
+                progress.update(task, advance=1, loss=loss, epoch=epoch + 1)
+                if step % max(1, cfg.wandb.log_every_steps) == 0:
+                    elapsed = time.monotonic() - window_start
+                    rate = window_samples / max(elapsed, 1e-9)
+                    progress.update(task, rate=rate)
+                    tracker.log({"train/loss": loss, "train/bound": out.bound.item(),
+                                 **{f"train/{k}": v.item() for k, v in out.terms.items()},
+                                 "train/lr": optimizer.param_groups[0]["lr"], "train/samples_per_sec": rate,
+                                 "epoch": epoch + (batch_in_epoch / steps_per_epoch)}, step)
+                    window_start, window_samples = time.monotonic(), 0
+                minutes = (time.monotonic() - start_time) / 60
+                if (tc.max_steps and step >= tc.max_steps) or (tc.max_minutes and minutes >= tc.max_minutes):
+                    status = "budget"
+                if stop.signal_name:
+                    status = "interrupted"
+                periodic = (tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0) or (
+                    tc.checkpoint_every_minutes and time.monotonic() - last_ckpt_time >= 60 * tc.checkpoint_every_minutes)
+                if status == "interrupted" or (periodic and batch_in_epoch < steps_per_epoch):
+                    save_checkpoint(run_dir / "checkpoints" / "last.pt",
+                                    checkpoint_state(epoch, batch_in_epoch, None))
+                    last_ckpt_time = time.monotonic()
+                if status != "finished":
+                    break
+            mid_epoch = batch_in_epoch < steps_per_epoch
+            if mid_epoch and status == "interrupted":
+                break  # last.pt already records where; resume continues from there
+            if not mid_epoch:
+                epoch, batch_in_epoch = epoch + 1, 0
+            row: dict[str, Any] = {"epoch": epoch, "step": step, "train_loss": loss,
+                                   "seconds": round(time.monotonic() - start_time, 2)}
+            if epoch % tc.val_every == 0 or epoch == tc.epochs or status != "finished":
+                last_val = validation_loss(model, cfg, val_x, val_c, batch)
+                row["val_loss"] = last_val
+                tracker.log({"val/loss": last_val, "epoch": epoch}, step)
+            improved = math.isfinite(last_val) and last_val < best_val
+            if improved:
+                best_val = last_val
+            state = checkpoint_state(epoch, batch_in_epoch, last_val)
+            save_checkpoint(run_dir / "checkpoints" / "last.pt", state)
+            last_ckpt_time = time.monotonic()
+            aliases = ["latest", f"epoch-{epoch}"]
+            if improved:
+                save_checkpoint(run_dir / "checkpoints" / "best.pt", state)
+                aliases.append("best")
+            history.append(row)
+            write_metrics_csv(run_dir / "metrics.csv", history)
+            tracker.log_checkpoint(run_dir / "checkpoints" / "last.pt", aliases,
+                                   {"epoch": epoch, "step": step, "val_loss": last_val,
+                                    "data_fingerprint": data.fingerprint, "git_commit": commit})
+            if images_fn is not None and cfg.wandb.images_every_epochs and (
+                    epoch % cfg.wandb.images_every_epochs == 0 or epoch == tc.epochs or status != "finished"):
+                model.eval()
+                tracker.log_images(images_fn(LoadedModel(model, cfg, normalizer, list(cfg.data.components), run_dir),
+                                             data), step)
+                model.train()
+    if status == "interrupted":
+        tracker.mark_preempting()
+    tracker.summary({"best_val_loss": best_val, "last_val_loss": last_val, "skipped_steps": skipped,
+                     "status": status})
+    return TrainResult(run_dir, status, epoch, step, best_val, last_val, skipped, stop.signal_name)
