@@ -170,20 +170,41 @@ def train_command(
     max_minutes: Annotated[Optional[float], typer.Option("--max-minutes", help="Stop after this many minutes.")] = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Stop after this many optimiser steps.")] = None,
     output_dir: Annotated[Optional[Path], typer.Option("--output-dir", help="Where run directories go.")] = None,
+    project: Annotated[Optional[str], typer.Option("--project", help="W&B project.")] = None,
+    entity: Annotated[Optional[str], typer.Option("--entity", help="W&B entity (user or team).")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="W&B run name (default: the run directory's).")] = None,
+    tags: Annotated[Optional[list[str]], typer.Option("--tags", help="W&B tags; several may follow one flag.")] = None,
+    group: Annotated[Optional[str], typer.Option("--group", help="W&B run group.")] = None,
+    notes: Annotated[Optional[str], typer.Option("--notes", help="W&B run notes.")] = None,
+    wandb_mode: Annotated[Optional[str], typer.Option(
+        "--wandb", help="auto (online when logged in, else offline) | online | offline | off.")] = None,
 ) -> None:
     """Train MMVAE+ (with no arguments: the small preset on the built-in synthetic data)."""
     from epure.checkpoint import CheckpointError
     from epure.sample import progress_images
+    from epure.tracking import make_tracker
     from epure.train import TrainingError, train
 
     try:
         cfg = _training_config(config, {
             "train.epochs": epochs, "train.batch_size": batch_size, "data.root": data, "train.device": device,
             "train.seed": seed, "train.max_minutes": max_minutes, "train.max_steps": max_steps,
-            "train.output_dir": str(output_dir) if output_dir else None})
-        result = train(cfg, resume=resume, images_fn=_images_fn(progress_images))
+            "train.output_dir": str(output_dir) if output_dir else None, "wandb.project": project,
+            "wandb.entity": entity, "wandb.name": name, "wandb.tags": tags, "wandb.group": group,
+            "wandb.notes": notes, "wandb.mode": wandb_mode})
+    except ConfigError as err:
+        fail(str(err))
+    tracker = make_tracker(cfg.wandb)
+    exit_code = 1
+    try:
+        result = train(cfg, resume=resume, tracker=tracker, images_fn=_images_fn(progress_images))
+        exit_code = 0 if result.status != "interrupted" else 130 if result.signal_name == "SIGINT" else 143
     except (ConfigError, DatasetError, CheckpointError, TrainingError) as err:
         fail(str(err))
+    finally:  # the W&B run is closed whatever happened, marked failed when training did
+        tracker.finish(exit_code)
+        if tracker.sync_hint:
+            console.print(f"W&B run saved offline; upload it when online with: {tracker.sync_hint}", soft_wrap=True)
     _report_training(result)
 
 
@@ -209,6 +230,10 @@ def _report_training(result) -> None:
 @app.command("sample")
 def sample_command(
     checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="Run directory or checkpoint file.")] = None,
+    artifact: Annotated[Optional[str], typer.Option(
+        "--artifact", help="W&B model artifact ENTITY/PROJECT/NAME:ALIAS or NAME:ALIAS (model-1a2b3c4d:best).")] = None,
+    project: Annotated[Optional[str], typer.Option("--project", help="W&B project of a NAME:ALIAS artifact.")] = None,
+    entity: Annotated[Optional[str], typer.Option("--entity", help="W&B entity of a NAME:ALIAS artifact.")] = None,
     mode: Annotated[str, typer.Option("--mode", help="unconditional | inpainting.")] = "unconditional",
     num_samples: Annotated[int, typer.Option("--num_samples", "--num-samples", help="Unconditional samples.")] = 16,
     width: Annotated[Optional[float], typer.Option("--width", help="Requested width_px for every sample.")] = None,
@@ -228,14 +253,20 @@ def sample_command(
 ) -> None:
     """Generate designs from a trained model: unconditional, or completed from observed components."""
     from epure import sample as sampling
+    from epure import tracking
     from epure.checkpoint import CheckpointError, load_model
     from epure.train import TrainingError, select_device
 
-    if checkpoint is None:
-        fail("give --checkpoint RUN_DIR_OR_FILE")
+    if (checkpoint is None) == (artifact is None):
+        fail("give either --checkpoint RUN_DIR_OR_FILE or --artifact ENTITY/PROJECT/NAME:ALIAS")
     try:
-        loaded = load_model(checkpoint, select_device(device))
-        out_dir = out or Path("samples") / "mmvaeplus" / loaded.run_name
+        source = tracking.resolve_artifact(artifact, project, entity) if artifact else checkpoint
+        loaded = load_model(source, select_device(device))
+        run_name = loaded.run_name
+        if artifact:  # name the output after the training run, as --checkpoint RUN_DIR does
+            info = tracking.artifact_info(source)
+            run_name = f"{Path(info['metadata'].get('run_dir') or info['name']).name}-{info['version']}"
+        out_dir = out or Path("samples") / "mmvaeplus" / run_name
         if mode == "unconditional":
             raw, ids = sampling.unconditional_requests(loaded, num_samples, width, height, conditions, seed)
             report = sampling.write_unconditional(loaded, out_dir, raw, ids, binary, batch_size, seed)
@@ -248,6 +279,65 @@ def sample_command(
                                                 sets, binary, joint_rule, mean, batch_size, seed)
         else:
             fail(f"--mode must be unconditional or inpainting, got {mode!r}")
-    except (CheckpointError, DatasetError, ConfigError, TrainingError, sampling.SamplingError) as err:
+    except (CheckpointError, DatasetError, ConfigError, TrainingError, sampling.SamplingError,
+            tracking.ArtifactError) as err:
         fail(str(err))
+    if artifact:
+        tracking.declare_artifact_use(source, "sample", {"mode": mode, "count": report.count})
     console.print(f"wrote {report.count} designs under [bold]{report.out_dir}[/]")
+
+
+@app.command("evaluate")
+def evaluate_command(
+    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="Run directory or checkpoint file.")] = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="Dataset to evaluate on (default: the training one's test split).")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate only the first N test examples.")] = None,
+    subsets: Annotated[bool, typer.Option("--subsets", help="Also condition on every subset of >= 2 components.")] = False,
+    joint_rule: Annotated[str, typer.Option("--joint-rule", help="mixture | product, for --subsets.")] = "mixture",
+    mean: Annotated[bool, typer.Option("--mean", help="Posterior means instead of samples when completing.")] = False,
+    ood: Annotated[bool, typer.Option("--ood", help="Also dimension fidelity just outside the training range.")] = False,
+    ood_margin: Annotated[int, typer.Option("--ood-margin", help="How many px beyond the training range, for --ood.")] = 6,
+    bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples for standard deviations (0: none).")] = 200,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Generation batch size.")] = 500,
+    out: Annotated[Optional[Path], typer.Option("--out", help="JSON file (default <run_dir>/eval/metrics.json).")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | mps.")] = "auto",
+) -> None:
+    """Evaluate a trained model on a test split: completion IoU/Dice, generated distributions, dimensions."""
+    from epure import evaluate as evaluation
+    from epure.checkpoint import CheckpointError, load_model
+    from epure.sample import SamplingError, completion_split
+    from epure.train import TrainingError, select_device
+
+    if checkpoint is None:
+        fail("give --checkpoint RUN_DIR_OR_FILE")
+    options = evaluation.EvaluationOptions(limit=limit, seed=seed, bootstrap=bootstrap, subsets=subsets,
+                                           joint=joint_rule, use_mean=mean, ood=ood, ood_margin=ood_margin,
+                                           batch_size=batch_size)
+    try:
+        options.check()
+        loaded = load_model(checkpoint, select_device(device))
+        split = completion_split(loaded, data, limit)
+        result = evaluation.evaluate(loaded, split, options)
+        result.info["data"] = str(data or loaded.config.data.root)
+        written = evaluation.write_evaluation(result, loaded, split, out or evaluation.default_output(loaded))
+    except (CheckpointError, DatasetError, ConfigError, TrainingError, SamplingError,
+            evaluation.EvaluationError) as err:
+        fail(str(err))
+    evaluation.render_tables(result, Console())
+    console.print(f"wrote {' and '.join(str(p) for p in written)}")
+
+
+@app.command("compare")
+def compare_command(
+    sources: Annotated[list[Path], typer.Argument(help="Evaluation JSON files or run directories (their eval/metrics.json).")],
+    show_all: Annotated[bool, typer.Option("--all", help="Also every observed -> generated matrix entry.")] = False,
+) -> None:
+    """One table of several evaluations, side by side."""
+    from epure import evaluate as evaluation
+
+    try:
+        entries = [evaluation.load_evaluation(source) for source in sources]
+    except evaluation.EvaluationError as err:
+        fail(str(err))
+    Console().print(evaluation.comparison_table(entries, show_all))

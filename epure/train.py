@@ -193,6 +193,7 @@ def train(cfg: Config, *, resume: str | Path | None = None, data: DataBundle | N
         atomic_write_json(run_dir / "normalization.json", normalizer.to_dict())
         atomic_write_json(run_dir / "components.json", list(cfg.data.components))
     (run_dir / "checkpoints").mkdir(exist_ok=True)
+    tracker.start(run_dir, cfg)
 
     train_x = torch.from_numpy(data.train.images).to(device)
     train_c = torch.from_numpy(normalizer.normalize(data.train.conditions)).to(device)
