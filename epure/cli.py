@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -178,8 +180,12 @@ def train_command(
     notes: Annotated[Optional[str], typer.Option("--notes", help="W&B run notes.")] = None,
     wandb_mode: Annotated[Optional[str], typer.Option(
         "--wandb", help="auto (online when logged in, else offline) | online | offline | off.")] = None,
+    devices: Annotated[int, typer.Option(
+        "--devices", help="Train on N local processes (DistributedDataParallel via torchrun).")] = 1,
 ) -> None:
     """Train MMVAE+ (with no arguments: the small preset on the built-in synthetic data)."""
+    if devices > 1 and "WORLD_SIZE" not in os.environ:
+        _relaunch_with_torchrun(devices)
     from epure.checkpoint import CheckpointError
     from epure.sample import progress_images
     from epure.tracking import make_tracker
@@ -205,7 +211,25 @@ def train_command(
         tracker.finish(exit_code)
         if tracker.sync_hint:
             console.print(f"W&B run saved offline; upload it when online with: {tracker.sync_hint}", soft_wrap=True)
-    _report_training(result)
+    if os.environ.get("RANK", "0") == "0":
+        _report_training(result)
+
+
+def _relaunch_with_torchrun(devices: int) -> None:
+    """Run this same `epure train` command under torchrun on ``devices`` processes, and exit with its code."""
+    from epure.distributed import launch_command
+
+    argv, skip = [], False
+    for token in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif token == "--devices":
+            skip = True
+        elif not token.startswith("--devices="):
+            argv.append(token)
+    command = launch_command(devices, argv)
+    console.print(f"launching {devices} processes: {' '.join(command)}", soft_wrap=True)
+    raise typer.Exit(subprocess.run(command).returncode)
 
 
 def _images_fn(progress_images):
@@ -299,7 +323,7 @@ def evaluate_command(
     ood_margin: Annotated[int, typer.Option("--ood-margin", help="How many px beyond the training range, for --ood.")] = 6,
     bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples for standard deviations (0: none).")] = 200,
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Generation batch size.")] = 500,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Generation batch size.")] = 200,
     out: Annotated[Optional[Path], typer.Option("--out", help="JSON file (default <run_dir>/eval/metrics.json).")] = None,
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | mps.")] = "auto",
 ) -> None:

@@ -11,6 +11,8 @@ import csv
 import io
 import logging
 import math
+import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -20,8 +22,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from epure import distributed
 from epure.checkpoint import LoadedModel, git_commit, read_run_checkpoint, save_checkpoint
 from epure.config import Config, config_from_dict, save_config
 from epure.data import DataBundle, load_data
@@ -118,9 +122,12 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def validation_loss(model: MMVAEPlus, cfg: Config, images: torch.Tensor, conditions: torch.Tensor,
-                    batch_size: int) -> float:
-    """Mean objective over the validation split, with fixed noise so epochs compare."""
+def validation_sums(model: MMVAEPlus, cfg: Config, images: torch.Tensor, conditions: torch.Tensor,
+                    batch_size: int) -> list[float]:
+    """[sum of the objective, number of designs] over (this rank's share of) the validation split.
+
+    The noise is fixed, so epochs compare, and drawn on a forked RNG, so training's stream is untouched.
+    """
     model.eval()
     total, count = 0.0, 0
     with torch.random.fork_rng(devices=[images.device] if images.device.type == "cuda" else []):
@@ -132,7 +139,7 @@ def validation_loss(model: MMVAEPlus, cfg: Config, images: torch.Tensor, conditi
             total += out.loss.item() * len(x)
             count += len(x)
     model.train()
-    return total / max(count, 1)
+    return [total, float(count)]
 
 
 def write_metrics_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -151,14 +158,42 @@ def read_metrics_csv(path: Path) -> list[dict[str, Any]]:
         return list(csv.DictReader(handle))
 
 
+class ObjectiveStep(nn.Module):
+    """The training objective as a module, so DistributedDataParallel can wrap it and sync gradients."""
+
+    def __init__(self, model: MMVAEPlus, cfg: Config):
+        super().__init__()
+        self.model, self.objective, self.beta, self.k = model, cfg.model.objective, cfg.model.beta, cfg.model.K
+
+    def forward(self, x: torch.Tensor, conditions: torch.Tensor, share: tuple[int, int] | None = None):
+        return forward_objective(self.model, x, conditions, self.objective, self.beta, self.k, share=share)
+
+
+def preflight(output_dir: Path, model: MMVAEPlus) -> None:
+    """Fail before training, not after an hour, when checkpoints could not be written."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    probe = output_dir / f".epure-write-test-{os.getpid()}"
+    try:
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise TrainingError(f"{output_dir}: output directory is not writable ({err})") from err
+    # weights + two Adam moments + the amsgrad maximum, twice (best and last), plus the temporary copy
+    needed = 5 * 4 * sum(p.numel() for p in model.parameters()) * 2 + 16 * 2**20
+    free = shutil.disk_usage(output_dir).free
+    if free < needed:
+        raise TrainingError(f"{output_dir}: only {free / 2**20:.0f} MiB free, checkpoints need about "
+                            f"{needed / 2**20:.0f} MiB")
+
+
 def train(cfg: Config, *, resume: str | Path | None = None, data: DataBundle | None = None, tracker=None,
           images_fn=None) -> TrainResult:
     """Train (or resume) a model; returns where the run lives and how it ended.
 
     ``images_fn(loaded_model, data) -> {name: PIL.Image}`` makes the pictures logged every
     ``wandb.images_every_epochs`` epochs; ``tracker`` receives metrics, pictures and checkpoints.
+    Under torchrun every process calls this; rank 0 alone writes files and talks to the tracker.
     """
-    tracker = tracker or NullTracker()
     resume_state = None
     if resume is not None:
         run_dir = Path(resume)
@@ -168,13 +203,19 @@ def train(cfg: Config, *, resume: str | Path | None = None, data: DataBundle | N
         stored.train.max_minutes, stored.train.device = cfg.train.max_minutes, cfg.train.device
         cfg = stored
     tc = cfg.train
-    device = select_device(tc.device)
-    torch.manual_seed(tc.seed)
+    ctx, device_name = distributed.start(tc.device)
+    device = select_device(device_name) if not device_name.startswith("cuda:") else torch.device(device_name)
+    tracker = (tracker or NullTracker()) if ctx.is_main else NullTracker()
+    torch.manual_seed(tc.seed)  # the same on every rank: identical initial weights and noise streams
     np.random.seed(tc.seed)
     data = data or load_data(cfg.data, seed=tc.seed)
     normalizer = data.normalizer
     model = build_model(cfg.model, cfg.data.components, cfg.data.image_size).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, amsgrad=tc.amsgrad)
+    step_module: nn.Module = ObjectiveStep(model, cfg)
+    if ctx.enabled:
+        step_module = nn.parallel.DistributedDataParallel(
+            step_module, device_ids=[device.index] if device.type == "cuda" else None)
 
     epoch, step, batch_in_epoch, best_val = 0, 0, 0, math.inf
     history: list[dict[str, Any]] = []
@@ -187,20 +228,29 @@ def train(cfg: Config, *, resume: str | Path | None = None, data: DataBundle | N
         set_rng_state(resume_state["rng"])
         history = read_metrics_csv(run_dir / "metrics.csv")
         log.info("resuming %s at epoch %d, step %d", run_dir, epoch, step)
-    else:
+    elif ctx.is_main:
+        preflight(Path(tc.output_dir), model)
         run_dir = new_run_dir(tc.output_dir)
         save_config(cfg, run_dir / "config.yaml")
         atomic_write_json(run_dir / "normalization.json", normalizer.to_dict())
         atomic_write_json(run_dir / "components.json", list(cfg.data.components))
-    (run_dir / "checkpoints").mkdir(exist_ok=True)
+    run_dir = Path(distributed.broadcast_object(ctx, str(run_dir) if ctx.is_main or resume else None))
+    if ctx.is_main:
+        (run_dir / "checkpoints").mkdir(exist_ok=True)
     tracker.start(run_dir, cfg)
 
     train_x = torch.from_numpy(data.train.images).to(device)
     train_c = torch.from_numpy(normalizer.normalize(data.train.conditions)).to(device)
-    val_x = torch.from_numpy(data.val.images).to(device)
-    val_c = torch.from_numpy(normalizer.normalize(data.val.conditions)).to(device)
+    val_rows = np.arange(ctx.rank, len(data.val), ctx.world_size)  # each rank validates its share
+    val_x = torch.from_numpy(data.val.images[val_rows]).to(device)
+    val_c = torch.from_numpy(normalizer.normalize(data.val.conditions[val_rows])).to(device)
     n, batch = len(train_x), tc.batch_size
-    steps_per_epoch = math.ceil(n / batch)
+    global_batch = batch * ctx.world_size
+    # one process keeps the last partial batch; several drop it, so every rank gets a full share
+    steps_per_epoch = math.ceil(n / global_batch) if not ctx.enabled else n // global_batch
+    if steps_per_epoch == 0:
+        raise TrainingError(f"{n} training designs cannot fill one global batch of {global_batch} "
+                            f"({ctx.world_size} processes x batch_size {batch})")
 
     def checkpoint_state(next_epoch: int, next_batch: int, val_loss: float | None) -> dict[str, Any]:
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": cfg.to_dict(),
@@ -209,6 +259,10 @@ def train(cfg: Config, *, resume: str | Path | None = None, data: DataBundle | N
                 "best_val_loss": best_val, "rng": rng_state(), "data_fingerprint": data.fingerprint,
                 "git_commit": commit}
 
+    def save(name: str, state: dict[str, Any]) -> None:
+        if ctx.is_main:
+            save_checkpoint(run_dir / "checkpoints" / name, state)
+
     commit = git_commit()
     status, skipped, nonfinite_run, last_val, loss = "finished", 0, 0, math.nan, math.nan
     start_time = last_ckpt_time = time.monotonic()
@@ -216,17 +270,24 @@ def train(cfg: Config, *, resume: str | Path | None = None, data: DataBundle | N
     model.train()
     progress = Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("loss {task.fields[loss]:.1f}"), TextColumn("{task.fields[rate]:.0f} samples/s"),
-                        TimeElapsedColumn(), transient=False)
+                        TimeElapsedColumn(), transient=False, disable=not ctx.is_main)
     with StopFlag() as stop, progress:
         task = progress.add_task("train", total=(tc.epochs - epoch) * steps_per_epoch - batch_in_epoch,
                                  epoch=epoch + 1, loss=math.nan, rate=0.0)
         while epoch < tc.epochs and status == "finished":
             order = epoch_permutation(n, tc.seed, epoch).to(device)
             while batch_in_epoch < steps_per_epoch:
-                index = order[batch_in_epoch * batch: (batch_in_epoch + 1) * batch]
+                first = batch_in_epoch * global_batch + ctx.rank * batch
+                index = order[first: first + batch]
                 x = train_x[index].float().div_(255)
-                out = forward_objective(model, x, train_c[index], cfg.model.objective, cfg.model.beta, cfg.model.K)
-                loss = out.loss.item()
+                share = (ctx.rank * len(index), len(index) * ctx.world_size) if ctx.enabled else None
+                out = step_module(x, train_c[index], share)
+                minutes = (time.monotonic() - start_time) / 60
+                # one small reduction per step keeps every rank's decisions (skip, stop) identical
+                loss_sum, stop_votes, over_time = distributed.sum_across(
+                    ctx, [out.loss.item(), float(stop.signal_name is not None),
+                          float(bool(tc.max_minutes) and minutes >= tc.max_minutes)])
+                loss = loss_sum / ctx.world_size
                 batch_in_epoch += 1
                 if not math.isfinite(loss):
                     skipped += 1
@@ -242,7 +303,7 @@ def train(cfg: Config, *, resume: str | Path | None = None, data: DataBundle | N
                 out.loss.backward()
                 optimizer.step()
                 step += 1
-                window_samples += len(index)
+                window_samples += global_batch
                 progress.update(task, advance=1, loss=loss, epoch=epoch + 1)
                 if step % max(1, cfg.wandb.log_every_steps) == 0:
                     elapsed = time.monotonic() - window_start
@@ -253,16 +314,14 @@ def train(cfg: Config, *, resume: str | Path | None = None, data: DataBundle | N
                                  "train/lr": optimizer.param_groups[0]["lr"], "train/samples_per_sec": rate,
                                  "epoch": epoch + (batch_in_epoch / steps_per_epoch)}, step)
                     window_start, window_samples = time.monotonic(), 0
-                minutes = (time.monotonic() - start_time) / 60
-                if (tc.max_steps and step >= tc.max_steps) or (tc.max_minutes and minutes >= tc.max_minutes):
+                if (tc.max_steps and step >= tc.max_steps) or over_time:
                     status = "budget"
-                if stop.signal_name:
+                if stop_votes:
                     status = "interrupted"
                 periodic = (tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0) or (
                     tc.checkpoint_every_minutes and time.monotonic() - last_ckpt_time >= 60 * tc.checkpoint_every_minutes)
                 if status == "interrupted" or (periodic and batch_in_epoch < steps_per_epoch):
-                    save_checkpoint(run_dir / "checkpoints" / "last.pt",
-                                    checkpoint_state(epoch, batch_in_epoch, None))
+                    save("last.pt", checkpoint_state(epoch, batch_in_epoch, None))
                     last_ckpt_time = time.monotonic()
                 if status != "finished":
                     break
@@ -274,25 +333,27 @@ def train(cfg: Config, *, resume: str | Path | None = None, data: DataBundle | N
             row: dict[str, Any] = {"epoch": epoch, "step": step, "train_loss": loss,
                                    "seconds": round(time.monotonic() - start_time, 2)}
             if epoch % tc.val_every == 0 or epoch == tc.epochs or status != "finished":
-                last_val = validation_loss(model, cfg, val_x, val_c, batch)
+                total, count = distributed.sum_across(ctx, validation_sums(model, cfg, val_x, val_c, batch))
+                last_val = total / max(count, 1)
                 row["val_loss"] = last_val
                 tracker.log({"val/loss": last_val, "epoch": epoch}, step)
             improved = math.isfinite(last_val) and last_val < best_val
             if improved:
                 best_val = last_val
             state = checkpoint_state(epoch, batch_in_epoch, last_val)
-            save_checkpoint(run_dir / "checkpoints" / "last.pt", state)
+            save("last.pt", state)
             last_ckpt_time = time.monotonic()
             aliases = ["latest", f"epoch-{epoch}"]
             if improved:
-                save_checkpoint(run_dir / "checkpoints" / "best.pt", state)
+                save("best.pt", state)
                 aliases.append("best")
             history.append(row)
-            write_metrics_csv(run_dir / "metrics.csv", history)
+            if ctx.is_main:
+                write_metrics_csv(run_dir / "metrics.csv", history)
             tracker.log_checkpoint(run_dir / "checkpoints" / "last.pt", aliases,
                                    {"epoch": epoch, "step": step, "val_loss": last_val,
                                     "data_fingerprint": data.fingerprint, "git_commit": commit})
-            if images_fn is not None and cfg.wandb.images_every_epochs and (
+            if ctx.is_main and images_fn is not None and cfg.wandb.images_every_epochs and (
                     epoch % cfg.wandb.images_every_epochs == 0 or epoch == tc.epochs or status != "finished"):
                 model.eval()
                 tracker.log_images(images_fn(LoadedModel(model, cfg, normalizer, list(cfg.data.components), run_dir),
@@ -302,4 +363,5 @@ def train(cfg: Config, *, resume: str | Path | None = None, data: DataBundle | N
         tracker.mark_preempting()
     tracker.summary({"best_val_loss": best_val, "last_val_loss": last_val, "skipped_steps": skipped,
                      "status": status})
+    distributed.stop(ctx)
     return TrainResult(run_dir, status, epoch, step, best_val, last_val, skipped, stop.signal_name)

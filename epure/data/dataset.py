@@ -176,8 +176,8 @@ def _decode(path: Path, expected: tuple[int, int]) -> np.ndarray:
         with Image.open(path) as image:
             image.load()
             gray = image.convert("L")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise DatasetError(f"{path}: unreadable or truncated image ({err})") from err
+    except Exception as err:  # decoders raise a zoo of types for damaged files (OSError, zlib.error, SyntaxError...)
+        raise DatasetError(f"{path}: unreadable or truncated image ({type(err).__name__}: {err})") from err
     array = np.asarray(gray, dtype=np.uint8)
     if array.shape != expected:
         raise DatasetError(f"{path}: image is {array.shape[0]}x{array.shape[1]} (rows x columns), "

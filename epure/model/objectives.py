@@ -38,13 +38,20 @@ class ObjectiveOutput:
     terms: dict[str, torch.Tensor]  # detached per-term means for logging
 
 
-def draw_latents(model: MMVAEPlus, post: Posteriors, k: int) -> LatentDraws:
-    """Reparameterised samples from the posteriors and the auxiliary priors (global RNG)."""
+def draw_latents(model: MMVAEPlus, post: Posteriors, k: int, share: tuple[int, int] | None = None) -> LatentDraws:
+    """Reparameterised samples from the posteriors and the auxiliary priors (global RNG).
+
+    ``share = (offset, global_batch)``: this batch is rows offset.. of a larger global batch split across
+    processes; the noise of the whole global batch is drawn and this share's rows kept, so several
+    processes see exactly the noise one process would see for the combined batch.
+    """
     fam, device = model.family, post.z_loc.device
     b, m, dw = post.w_loc.shape
-    w = post.w_loc + post.w_scale * standard_noise((k, b, m, dw), fam, device)
-    z = post.z_loc + post.z_scale * standard_noise((k, *post.z_loc.shape), fam, device)
-    w_aux = standard_noise((k, b, m, m, dw), fam, device) * model.aux_scale()  # scale of target n
+    offset, total = share if share is not None else (0, b)
+    rows = slice(offset, offset + b)
+    w = post.w_loc + post.w_scale * standard_noise((k, total, m, dw), fam, device)[:, rows]
+    z = post.z_loc + post.z_scale * standard_noise((k, total, *post.z_loc.shape[1:]), fam, device)[:, rows]
+    w_aux = standard_noise((k, total, m, m, dw), fam, device)[:, rows] * model.aux_scale()  # scale of target n
     return LatentDraws(w, z, w_aux)
 
 
@@ -114,11 +121,15 @@ def log_weights(model: MMVAEPlus, x: torch.Tensor, post: Posteriors, draws: Late
 
 
 def forward_objective(model: MMVAEPlus, x: torch.Tensor, conditions: torch.Tensor, objective: str = "elbo",
-                      beta: float = 1.0, k: int = 1, batched: bool = True) -> ObjectiveOutput:
-    """Evaluate ``elbo`` or ``dreg`` on a batch x [B, M, H, W] in [0, 1] with normalised conditions [B, C]."""
+                      beta: float = 1.0, k: int = 1, batched: bool = True,
+                      share: tuple[int, int] | None = None) -> ObjectiveOutput:
+    """Evaluate ``elbo`` or ``dreg`` on a batch x [B, M, H, W] in [0, 1] with normalised conditions [B, C].
+
+    ``share``: see ``draw_latents`` (distributed training).
+    """
     cond_emb = model.embed(conditions)
     post = model.encode(x, cond_emb)
-    draws = draw_latents(model, post, k)
+    draws = draw_latents(model, post, k, share)
     logits = decode_all(model, decoder_inputs(draws), cond_emb, batched=batched)
     if objective == "elbo":
         lw, terms = log_weights(model, x, post, draws, logits, beta)
