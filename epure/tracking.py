@@ -391,3 +391,91 @@ def declare_artifact_use(folder: Path, job_type: str, config: dict[str, Any] | N
     except Exception as err:  # lineage must never fail the job that already did its work
         log.warning("could not record the use of %s in W&B (%s: %s)", info["qualified_name"],
                     type(err).__name__, err)
+
+
+def training_run_info(model_path: Path) -> dict[str, Any]:
+    """What is known of the W&B run that trained the model at ``model_path`` (a run's or an artifact's file).
+
+    A run directory keeps ``wandb_run.json``; a downloaded artifact knows its run from its name
+    (``model-<run id>``). Empty when the model was trained without tracking.
+    """
+    path = Path(model_path)
+    folder = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    if (folder / RUN_INFO).is_file():
+        return json.loads((folder / RUN_INFO).read_text())
+    if (folder / ARTIFACT_INFO).is_file():
+        info = artifact_info(folder)
+        run_id = info["name"].removeprefix("model-")
+        return {"id": run_id, "project": info["project"], "entity": info["entity"],
+                "name": Path(info["metadata"].get("run_dir") or run_id).name, "artifact": info["qualified_name"]}
+    return {}
+
+
+def log_evaluation(metrics: dict[str, float], tables: dict[str, tuple[list[str], list[list[Any]]]],
+                   images: dict[str, Any], *, mode: str, config: dict[str, Any], trained_by: dict[str, Any],
+                   settings: WandbConfig) -> str | None:
+    """Log an evaluation to a new W&B run of job type ``evaluate``; returns the ``wandb sync`` command offline.
+
+    The run carries the training run's config (plus ``eval`` options) and sits in the training run's group,
+    so evaluations line up with their training runs on the dashboard; ``metrics`` go to its summary under
+    their stable names, ``tables`` (columns, rows) and ``images`` are logged once. Online, the run declares
+    the model artifact it used (lineage) and the training run's own summary receives the same metrics, so the
+    runs table shows them beside the training curves. W&B trouble only warns: the JSON is already written.
+    """
+    mode = resolve_mode(mode)
+    if mode == "off":
+        return None
+    import wandb
+
+    project = trained_by.get("project") or settings.project
+    entity = trained_by.get("entity") or settings.entity
+    name = trained_by.get("name")
+    try:
+        run = wandb.init(project=project, entity=entity, job_type="evaluate", mode=mode,
+                         name=f"eval-{name}" if name else None, group=settings.group or name,
+                         tags=settings.tags or None, config=config,
+                         dir=os.environ.get("WANDB_DIR") or str(cache_root()), settings=_quiet_settings())
+        if trained_by.get("artifact") and mode == "online":
+            run.use_artifact(trained_by["artifact"])
+        run.summary.update(_json_safe(metrics))
+        logged = {key: wandb.Table(columns=columns, data=rows) for key, (columns, rows) in tables.items()}
+        logged.update({key: wandb.Image(image) for key, image in images.items()})
+        run.log(logged)
+        sync_dir = run.settings.sync_dir
+        run.finish()
+    except Exception as err:
+        log.warning("could not log the evaluation to W&B (%s: %s); it is in the JSON file", type(err).__name__, err)
+        return None
+    if mode == "online" and trained_by.get("id"):
+        _update_training_summary(entity, project, trained_by["id"], metrics)
+    return f"wandb sync {sync_dir}" if mode == "offline" else None
+
+
+def _update_training_summary(entity: str | None, project: str, run_id: str, metrics: dict[str, float]) -> None:
+    """Copy evaluation metrics into the training run's summary (online only; a failure only warns)."""
+    import wandb
+
+    path = "/".join(filter(None, (entity, project, run_id)))
+    try:
+        run = wandb.Api().run(path)
+        run.summary.update(_json_safe(metrics))
+    except Exception as err:
+        log.warning("could not add the evaluation to the training run %s (%s: %s)", path, type(err).__name__, err)
+
+
+def fetch_run_metrics(path: str) -> tuple[str, dict[str, float | None]]:
+    """(run name, ``eval/*`` summary values) of the W&B run ``ENTITY/PROJECT/RUN_ID``; needs W&B online."""
+    reason = offline_reason()
+    if reason is not None:
+        raise ArtifactError(f"{path}: not a local file, and reading a W&B run needs W&B online, but {reason}")
+    import wandb
+
+    try:
+        run = wandb.Api().run(path)
+        summary = dict(run.summary)
+    except (wandb.errors.Error, ValueError) as err:
+        raise ArtifactError(f"cannot read the W&B run {path}: {err}") from err
+    metrics = {k: v for k, v in summary.items() if k.startswith("eval/") and isinstance(v, (int, float))}
+    if not metrics:
+        raise ArtifactError(f"the W&B run {path} has no eval/* metrics (run `epure evaluate` on its model first)")
+    return run.name, metrics
