@@ -1,15 +1,17 @@
 """Run directories and checkpoints: everything sampling needs travels inside one file.
 
 A run directory ``outputs/mmvaeplus/<timestamp>/`` holds ``config.yaml`` (resolved), ``normalization.json``,
-``components.json``, ``metrics.csv`` and ``checkpoints/{last,best}.pt``. A checkpoint holds the model weights,
-the resolved config, the normaliser and component names (so it samples on its own), and for ``last`` the
-optimiser and RNG state that ``--resume`` needs. Files are written atomically; a checkpoint that does not
-load is reported with its path and the previous good one is used instead.
+``components.json``, ``metrics.csv`` and ``checkpoints/{last,previous,best}.pt``. A checkpoint holds the model
+weights, the resolved config, the normaliser and component names (so it samples on its own), and the optimiser
+and RNG state that ``--resume`` needs. Files are written atomically, and each new ``last.pt`` first moves the
+one before it to ``previous.pt``, so a damaged ``last.pt`` never costs more than one checkpoint interval: a
+checkpoint that does not load is reported with its path and the newest good one is used instead.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,17 +27,24 @@ from epure.model import MMVAEPlus, build_model
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-CHECKPOINT_NAMES = ("last.pt", "best.pt")
+CHECKPOINT_NAMES = ("last.pt", "previous.pt", "best.pt")
 
 
 class CheckpointError(ValueError):
     """A checkpoint or run directory that cannot be used; the message names the file."""
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """torch.save to a temporary sibling, fsync, rename: a crash leaves the previous file intact."""
+def save_checkpoint(path: Path, state: dict[str, Any], keep_previous: bool = False) -> None:
+    """torch.save to a temporary sibling, fsync, rename: a crash leaves the previous file intact.
+
+    With ``keep_previous`` the file being replaced is first renamed to ``previous.pt`` beside it, so one
+    older good checkpoint survives a ``last.pt`` damaged later (bad disk, a copy cut short).
+    """
+    path = Path(path)
     state = {"format": FORMAT_VERSION, **state}
-    atomic_write(Path(path), lambda tmp: torch.save(state, tmp))
+    if keep_previous and path.is_file():
+        os.replace(path, path.with_name("previous.pt"))
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
@@ -53,11 +62,11 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def candidates(run_dir: Path, prefer: str = "best") -> list[Path]:
-    """Checkpoint files of a run, preferred first, then the periodic ones newest first."""
+    """Checkpoint files of a run: the preferred one first, then the others newest first (the fallbacks)."""
     folder = Path(run_dir) / "checkpoints"
-    order = [folder / f"{prefer}.pt"] + [folder / n for n in CHECKPOINT_NAMES if n != f"{prefer}.pt"]
-    order += sorted(folder.glob("step-*.pt"), key=lambda p: p.stat().st_mtime, reverse=True)
-    return [p for p in order if p.is_file()]
+    first = folder / f"{prefer}.pt"
+    others = [folder / n for n in CHECKPOINT_NAMES if n != first.name and (folder / n).is_file()]
+    return [p for p in [first] if p.is_file()] + sorted(others, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
 def read_run_checkpoint(run_dir: Path, prefer: str = "best") -> tuple[Path, dict[str, Any]]:
@@ -68,11 +77,30 @@ def read_run_checkpoint(run_dir: Path, prefer: str = "best") -> tuple[Path, dict
     errors = []
     for path in found:
         try:
-            return path, read_checkpoint(path)
+            state = read_checkpoint(path)
         except CheckpointError as err:
-            log.warning("%s; trying the previous checkpoint", err)
+            log.warning("%s; trying the next newest checkpoint", err)
             errors.append(str(err))
+            continue
+        if errors:
+            log.warning("using %s instead (epoch %s, step %s)", path, state.get("epoch"), state.get("step"))
+        return path, state
     raise CheckpointError(f"{run_dir}: no loadable checkpoint: " + "; ".join(errors))
+
+
+def set_aside_damaged(run_dir: Path, used: Path, prefer: str = "last") -> None:
+    """Before resuming from ``used``: rename the checkpoints tried before it and drop half-written temporaries.
+
+    A damaged ``last.pt`` would otherwise be rotated onto the good ``previous.pt`` by the next save; it is
+    kept as ``last.pt.corrupt`` for inspection. Temporaries are what a kill during a save leaves behind.
+    """
+    for path in candidates(run_dir, prefer):
+        if path == Path(used):
+            break
+        kept = path.replace(path.with_name(path.name + ".corrupt"))
+        log.warning("kept the damaged %s as %s", path.name, kept)
+    for partial in (Path(run_dir) / "checkpoints").glob(".*.tmp"):
+        partial.unlink(missing_ok=True)
 
 
 @dataclass

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from PIL import Image
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
@@ -183,7 +184,11 @@ def train_command(
     devices: Annotated[int, typer.Option(
         "--devices", help="Train on N local processes (DistributedDataParallel via torchrun).")] = 1,
 ) -> None:
-    """Train MMVAE+ (with no arguments: the small preset on the built-in synthetic data)."""
+    """Train MMVAE+ (with no arguments: the small preset on the built-in synthetic data).
+
+    Exit codes: 0 finished (or stopped by --max-steps/--max-minutes), 2 an error that names its cause,
+    130 stopped by SIGINT (Ctrl-C) and 143 by SIGTERM, after a checkpoint that --resume continues from.
+    """
     if devices > 1 and "WORLD_SIZE" not in os.environ:
         _relaunch_with_torchrun(devices)
     from epure.checkpoint import CheckpointError
@@ -191,6 +196,8 @@ def train_command(
     from epure.tracking import make_tracker
     from epure.train import TrainingError, train
 
+    if resume is not None and config is None and (resume / "config.yaml").is_file():
+        config = resume / "config.yaml"  # options not given keep the run's values, not the small preset's
     try:
         cfg = _training_config(config, {
             "train.epochs": epochs, "train.batch_size": batch_size, "data.root": data, "train.device": device,
@@ -207,6 +214,12 @@ def train_command(
         exit_code = 0 if result.status != "interrupted" else 130 if result.signal_name == "SIGINT" else 143
     except (ConfigError, DatasetError, CheckpointError, TrainingError) as err:
         fail(str(err))
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now, the last checkpoint written is what --resume uses
+        exit_code = 130
+        tracker.mark_preempting()
+        console.print("[bold red]interrupted twice:[/] stopped without a new checkpoint; continue from the "
+                      "last one with epure train --resume RUN_DIR")
+        raise typer.Exit(130)
     finally:  # the W&B run is closed whatever happened, marked failed when training did
         tracker.finish(exit_code)
         if tracker.sync_hint:
@@ -314,6 +327,12 @@ def sample_command(
 @app.command("evaluate")
 def evaluate_command(
     checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="Run directory or checkpoint file.")] = None,
+    artifact: Annotated[Optional[str], typer.Option(
+        "--artifact", help="W&B model artifact ENTITY/PROJECT/NAME:ALIAS or NAME:ALIAS (model-1a2b3c4d:best).")] = None,
+    project: Annotated[Optional[str], typer.Option("--project", help="W&B project of a NAME:ALIAS artifact.")] = None,
+    entity: Annotated[Optional[str], typer.Option("--entity", help="W&B entity of a NAME:ALIAS artifact.")] = None,
+    wandb_mode: Annotated[Optional[str], typer.Option(
+        "--wandb", help="auto | online | offline | off (default: log when the model was trained with W&B).")] = None,
     data: Annotated[Optional[str], typer.Option("--data", help="Dataset to evaluate on (default: the training one's test split).")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate only the first N test examples.")] = None,
     subsets: Annotated[bool, typer.Option("--subsets", help="Also condition on every subset of >= 2 components.")] = False,
@@ -329,39 +348,84 @@ def evaluate_command(
 ) -> None:
     """Evaluate a trained model on a test split: completion IoU/Dice, generated distributions, dimensions."""
     from epure import evaluate as evaluation
+    from epure import tracking
     from epure.checkpoint import CheckpointError, load_model
     from epure.sample import SamplingError, completion_split
     from epure.train import TrainingError, select_device
 
-    if checkpoint is None:
-        fail("give --checkpoint RUN_DIR_OR_FILE")
+    if (checkpoint is None) == (artifact is None):
+        fail("give either --checkpoint RUN_DIR_OR_FILE or --artifact ENTITY/PROJECT/NAME:ALIAS")
     options = evaluation.EvaluationOptions(limit=limit, seed=seed, bootstrap=bootstrap, subsets=subsets,
                                            joint=joint_rule, use_mean=mean, ood=ood, ood_margin=ood_margin,
                                            batch_size=batch_size)
     try:
         options.check()
-        loaded = load_model(checkpoint, select_device(device))
+        source = tracking.resolve_artifact(artifact, project, entity) if artifact else checkpoint
+        loaded = load_model(source, select_device(device))
         split = completion_split(loaded, data, limit)
         result = evaluation.evaluate(loaded, split, options)
         result.info["data"] = str(data or loaded.config.data.root)
         written = evaluation.write_evaluation(result, loaded, split, out or evaluation.default_output(loaded))
     except (CheckpointError, DatasetError, ConfigError, TrainingError, SamplingError,
-            evaluation.EvaluationError) as err:
+            evaluation.EvaluationError, tracking.ArtifactError) as err:
         fail(str(err))
     evaluation.render_tables(result, Console())
     console.print(f"wrote {' and '.join(str(p) for p in written)}")
+    trained_by = tracking.training_run_info(loaded.path)
+    mode = wandb_mode or ("auto" if trained_by else "off")
+    settings = loaded.config.wandb
+    config = {**loaded.config.to_dict(), "eval": {**result.info["options"], "data": result.info["data"],
+                                                   "checkpoint": str(loaded.path), "trained_by": trained_by.get("id")}}
+    images = {f"{evaluation.PREFIX}/{path.stem.rsplit('_', 1)[-1]}": Image.open(path) for path in written[1:]}
+    sync_hint = tracking.log_evaluation(result.flat(), evaluation.tracking_tables(result), images, mode=mode,
+                                        config=config, trained_by=trained_by, settings=settings)
+    if sync_hint:
+        console.print(f"W&B evaluation run saved offline; upload it when online with: {sync_hint}", soft_wrap=True)
 
 
 @app.command("compare")
 def compare_command(
-    sources: Annotated[list[Path], typer.Argument(help="Evaluation JSON files or run directories (their eval/metrics.json).")],
+    sources: Annotated[list[str], typer.Argument(
+        help="Evaluation JSON files, run directories (their eval/metrics.json) or W&B runs ENTITY/PROJECT/RUN_ID.")],
     show_all: Annotated[bool, typer.Option("--all", help="Also every observed -> generated matrix entry.")] = False,
 ) -> None:
     """One table of several evaluations, side by side."""
     from epure import evaluate as evaluation
+    from epure import tracking
 
+    entries = []
     try:
-        entries = [evaluation.load_evaluation(source) for source in sources]
-    except evaluation.EvaluationError as err:
+        for source in sources:
+            is_wandb_run = not Path(source).exists() and source.count("/") == 2 and not source.endswith(".json")
+            entries.append(tracking.fetch_run_metrics(source) if is_wandb_run else evaluation.load_evaluation(source))
+    except (evaluation.EvaluationError, tracking.ArtifactError) as err:
         fail(str(err))
     Console().print(evaluation.comparison_table(entries, show_all))
+
+
+@app.command("sweep")
+def sweep_command(
+    file: Annotated[Path, typer.Argument(help="Sweep file: W&B sweep YAML whose parameters are config keys (sweeps/).")],
+    count: Annotated[Optional[int], typer.Option(
+        "--count", help="Trials to run (this agent's share when online; offline grids default to the whole grid).")] = None,
+    config: ConfigOption = None,
+    project: Annotated[Optional[str], typer.Option("--project", help="W&B project (default: the config's).")] = None,
+    entity: Annotated[Optional[str], typer.Option("--entity", help="W&B entity (user or team).")] = None,
+    sweep_id: Annotated[Optional[str], typer.Option(
+        "--sweep-id", help="Join this existing W&B sweep as one more agent (one per machine or GPU).")] = None,
+    wandb_mode: Annotated[str, typer.Option(
+        "--wandb", help="auto (online when logged in, else offline) | online | offline | off.")] = "auto",
+    offline: Annotated[bool, typer.Option("--offline", help="Same as --wandb offline.")] = False,
+) -> None:
+    """Search hyperparameters: as a W&B sweep agent, or offline with W&B's sweep engine; then rank the trials."""
+    from epure import sweep as sweeping
+
+    try:
+        spec = sweeping.load_sweep(file, config)
+        outcome = sweeping.run_sweep(spec, count, "offline" if offline else wandb_mode, project, entity, sweep_id)
+    except (sweeping.SweepError, ConfigError, DatasetError) as err:
+        fail(str(err))
+    Console().print(sweeping.trials_table(outcome))
+    console.print(f"trials, best first: {outcome.csv_path}", soft_wrap=True)
+    if outcome.sync_command:
+        console.print(f"W&B runs saved offline; upload them when online with: {outcome.sync_command}", soft_wrap=True)

@@ -40,13 +40,22 @@ def component_indices(names: list[str], components: list[str]) -> list[int]:
 
 
 def check_conditions(loaded: LoadedModel, raw: np.ndarray) -> None:
-    """Warn once when requested conditions leave the training range (the model extrapolates there)."""
+    """Warn once per column when requested conditions leave the training range (the model extrapolates there)."""
     norm = loaded.normalizer
     for i, column in enumerate(norm.columns):
         outside = (raw[:, i] < norm.low[i]) | (raw[:, i] > norm.high[i])
         if outside.any():
-            log.warning("%d of %d requested %s values lie outside the training range [%g, %g]",
-                        int(outside.sum()), len(raw), column, norm.low[i], norm.high[i])
+            log.warning("%d of %d requested %s values (%g to %g) lie outside the training range [%g, %g]; "
+                        "the model extrapolates there", int(outside.sum()), len(raw), column,
+                        raw[outside, i].min(), raw[outside, i].max(), norm.low[i], norm.high[i])
+
+
+def check_request(count: int, batch_size: int) -> None:
+    """Refuse requests that would otherwise fail deep inside numpy (no samples, a batch size of 0)."""
+    if count <= 0:
+        raise SamplingError(f"nothing to sample: {count} designs requested")
+    if batch_size <= 0:
+        raise SamplingError(f"--batch-size must be positive, got {batch_size}")
 
 
 def _to_tensor(loaded: LoadedModel, raw_conditions: np.ndarray) -> torch.Tensor:
@@ -101,7 +110,11 @@ class SampleReport:
 def write_unconditional(loaded: LoadedModel, out_dir: Path, raw_conditions: np.ndarray, ids: list[str],
                         binary: bool = False, batch_size: int = 256, seed: int = 0,
                         grid_count: int = 16) -> SampleReport:
-    """One PNG per component per sample, a colour composite per sample and a grid of the first samples."""
+    """One PNG per component per sample, a colour composite per sample and a grid of the first samples.
+
+    Each batch is written before the next is generated, so memory does not grow with the number of samples.
+    """
+    check_request(len(ids), batch_size)
     check_conditions(loaded, raw_conditions)
     root = Path(out_dir) / "unconditional"
     folders = [root / c for c in loaded.components] + [root / "composites"]
@@ -126,6 +139,8 @@ def write_completions(loaded: LoadedModel, out_dir: Path, images: np.ndarray, ra
                       use_mean: bool = False, batch_size: int = 256, seed: int = 0,
                       grid_count: int = 8) -> SampleReport:
     """For each observed set, every target component generated from it, one folder per (observed, target)."""
+    check_request(len(ids), batch_size)
+    check_conditions(loaded, raw_conditions)
     folders = []
     for names in observed_sets:
         observed = component_indices(names, loaded.components)
@@ -180,7 +195,12 @@ def unconditional_requests(loaded: LoadedModel, num_samples: int, width: float |
 
     norm = loaded.normalizer
     if conditions_csv is not None:
-        table = pd.read_csv(conditions_csv)
+        try:
+            table = pd.read_csv(conditions_csv)
+        except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+            raise SamplingError(f"{conditions_csv}: cannot read the conditions CSV ({err})") from err
+        if table.empty:
+            raise SamplingError(f"{conditions_csv}: no rows, so nothing to sample")
         id_column = loaded.config.data.id_column
         missing = [c for c in [id_column, *norm.columns] if c not in table.columns]
         if missing:

@@ -96,7 +96,7 @@ def _json_safe(values: dict[str, Any]) -> dict[str, Any]:
     return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in values.items()}
 
 
-def _quiet_settings() -> Any:
+def quiet_settings() -> Any:
     """No console capture and no code upload: epure logs what matters itself."""
     import wandb
 
@@ -139,7 +139,7 @@ class WandbTracker:
             project=s.project, entity=s.entity, name=s.name or self.run_dir.name, tags=s.tags or None,
             group=s.group, notes=s.notes, config=cfg.to_dict(), job_type="train", mode=self.mode,
             dir=os.environ.get("WANDB_DIR") or str(self.run_dir.parent), id=resume_id,
-            resume="allow" if resume_id else None, settings=_quiet_settings())
+            resume="allow" if resume_id else None, settings=quiet_settings())
         self.run.define_metric("val/loss", summary="min")
         self._staging = Path(tempfile.mkdtemp(prefix="epure-wandb-"))
         if self.mode == "online":
@@ -148,7 +148,8 @@ class WandbTracker:
             log.info("W&B run %s is tracked offline in %s", self.run.id, self.run.settings.sync_dir)
         atomic_write_json(info_path, {"id": self.run.id, "project": self.run.project, "entity": self.run.entity,
                                       "name": self.run.name, "mode": self.mode, "artifact": self.artifact_name,
-                                      "sync_dir": self.run.settings.sync_dir, "url": self.run.url})
+                                      "sync_dir": self.run.settings.sync_dir,
+                                      "url": self.run.url if self.mode == "online" else None})
 
     @property
     def artifact_name(self) -> str:
@@ -385,7 +386,7 @@ def declare_artifact_use(folder: Path, job_type: str, config: dict[str, Any] | N
 
     try:
         run = wandb.init(project=info["project"], entity=info["entity"], job_type=job_type, config=config,
-                         dir=os.environ.get("WANDB_DIR") or str(cache_root()), settings=_quiet_settings())
+                         dir=os.environ.get("WANDB_DIR") or str(cache_root()), settings=quiet_settings())
         run.use_artifact(info["qualified_name"])
         run.finish()
     except Exception as err:  # lineage must never fail the job that already did its work
@@ -434,7 +435,7 @@ def log_evaluation(metrics: dict[str, float], tables: dict[str, tuple[list[str],
         run = wandb.init(project=project, entity=entity, job_type="evaluate", mode=mode,
                          name=f"eval-{name}" if name else None, group=settings.group or name,
                          tags=settings.tags or None, config=config,
-                         dir=os.environ.get("WANDB_DIR") or str(cache_root()), settings=_quiet_settings())
+                         dir=os.environ.get("WANDB_DIR") or str(cache_root()), settings=quiet_settings())
         if trained_by.get("artifact") and mode == "online":
             run.use_artifact(trained_by["artifact"])
         run.summary.update(_json_safe(metrics))

@@ -26,7 +26,8 @@ from torch import nn
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from epure import distributed
-from epure.checkpoint import LoadedModel, git_commit, read_run_checkpoint, save_checkpoint
+from epure.checkpoint import (CheckpointError, LoadedModel, git_commit, read_run_checkpoint, save_checkpoint,
+                              set_aside_damaged)
 from epure.config import Config, config_from_dict, save_config
 from epure.data import DataBundle, load_data
 from epure.io import atomic_write_json, atomic_write_text
@@ -171,15 +172,15 @@ class ObjectiveStep(nn.Module):
 
 def preflight(output_dir: Path, model: MMVAEPlus) -> None:
     """Fail before training, not after an hour, when checkpoints could not be written."""
-    output_dir.mkdir(parents=True, exist_ok=True)
     probe = output_dir / f".epure-write-test-{os.getpid()}"
     try:
+        output_dir.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as err:
         raise TrainingError(f"{output_dir}: output directory is not writable ({err})") from err
-    # weights + two Adam moments + the amsgrad maximum, twice (best and last), plus the temporary copy
-    needed = 5 * 4 * sum(p.numel() for p in model.parameters()) * 2 + 16 * 2**20
+    # float32 weights + two Adam moments + the amsgrad maximum, in last, previous, best and a temporary copy
+    needed = 4 * 4 * 4 * sum(p.numel() for p in model.parameters()) + 16 * 2**20
     free = shutil.disk_usage(output_dir).free
     if free < needed:
         raise TrainingError(f"{output_dir}: only {free / 2**20:.0f} MiB free, checkpoints need about "
@@ -197,7 +198,10 @@ def train(cfg: Config, *, resume: str | Path | None = None, data: DataBundle | N
     resume_state = None
     if resume is not None:
         run_dir = Path(resume)
-        _, resume_state = read_run_checkpoint(run_dir, prefer="last")
+        resume_path, resume_state = read_run_checkpoint(run_dir, prefer="last")
+        if "optimizer" not in resume_state or "rng" not in resume_state:
+            raise CheckpointError(f"{resume_path}: holds weights only (no optimiser and RNG state); it can be "
+                                  "sampled from but not resumed")
         stored = config_from_dict(resume_state["config"])
         stored.train.epochs, stored.train.max_steps = cfg.train.epochs, cfg.train.max_steps
         stored.train.max_minutes, stored.train.device = cfg.train.max_minutes, cfg.train.device
@@ -226,8 +230,12 @@ def train(cfg: Config, *, resume: str | Path | None = None, data: DataBundle | N
         batch_in_epoch = resume_state.get("batch_in_epoch", 0)
         best_val = resume_state.get("best_val_loss", math.inf)
         set_rng_state(resume_state["rng"])
-        history = read_metrics_csv(run_dir / "metrics.csv")
-        log.info("resuming %s at epoch %d, step %d", run_dir, epoch, step)
+        # rows written after the checkpoint (one that fell back to an older file) are redone
+        history = [row for row in read_metrics_csv(run_dir / "metrics.csv") if int(row["step"]) <= step]
+        if ctx.is_main:
+            preflight(run_dir, model)
+            set_aside_damaged(run_dir, resume_path)
+        log.info("resuming %s from %s at epoch %d, step %d", run_dir, resume_path.name, epoch, step)
     elif ctx.is_main:
         preflight(Path(tc.output_dir), model)
         run_dir = new_run_dir(tc.output_dir)
@@ -260,8 +268,14 @@ def train(cfg: Config, *, resume: str | Path | None = None, data: DataBundle | N
                 "git_commit": commit}
 
     def save(name: str, state: dict[str, Any]) -> None:
-        if ctx.is_main:
-            save_checkpoint(run_dir / "checkpoints" / name, state)
+        if not ctx.is_main:
+            return
+        path = run_dir / "checkpoints" / name
+        try:
+            save_checkpoint(path, state, keep_previous=name == "last.pt")
+        except OSError as err:  # e.g. the disk filled up since preflight
+            raise TrainingError(f"{path}: could not write the checkpoint ({err}); the checkpoints already there "
+                                f"are intact: make room, then continue with epure train --resume {run_dir}") from err
 
     commit = git_commit()
     status, skipped, nonfinite_run, last_val, loss = "finished", 0, 0, math.nan, math.nan
@@ -293,10 +307,20 @@ def train(cfg: Config, *, resume: str | Path | None = None, data: DataBundle | N
                     skipped += 1
                     nonfinite_run += 1
                     optimizer.zero_grad(set_to_none=True)
+                    ids = data.train.ids[index.cpu().numpy()].tolist()
                     if nonfinite_run >= tc.max_nonfinite_steps:
-                        ids = data.train.ids[index.cpu().numpy()].tolist()
+                        diverged = not all(torch.isfinite(p).all() for p in model.parameters())
+                        hint = "; the weights themselves are no longer finite: lower train.lr" if diverged else ""
                         raise TrainingError(f"loss was {loss} for {nonfinite_run} steps in a row; stopped at step "
-                                            f"{step + 1} (epoch {epoch + 1}); example ids of that batch: {ids}")
+                                            f"{step + 1} (epoch {epoch + 1}); example ids of that batch: {ids}{hint}")
+                    if nonfinite_run == 1:
+                        log.warning("step %d (epoch %d): loss is %s, batch skipped (training stops after %d in a "
+                                    "row); example ids of that batch: %s", step + 1, epoch + 1, loss,
+                                    tc.max_nonfinite_steps, ids)
+                    if stop_votes:  # a signal must not wait for a finite loss
+                        status = "interrupted"
+                        save("last.pt", checkpoint_state(epoch, batch_in_epoch, None))
+                        break
                     continue
                 nonfinite_run = 0
                 optimizer.zero_grad(set_to_none=True)

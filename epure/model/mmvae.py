@@ -7,6 +7,8 @@
 
 Decoding is batched by target: every target component's decoder runs once on the latents of all sources
 (M decoder calls instead of M^2), which gives the same numbers as one call per (source, target) pair.
+``fast=False`` everywhere selects the straightforward reference path (see ``networks``), kept for the
+benchmark and the equality tests.
 """
 
 from __future__ import annotations
@@ -101,35 +103,37 @@ class MMVAEPlus(nn.Module):
     def embed(self, conditions: torch.Tensor) -> torch.Tensor:
         return self.cond(conditions)
 
-    def encode(self, x: torch.Tensor, cond_emb: torch.Tensor, which: list[int] | None = None) -> Posteriors:
+    def encode(self, x: torch.Tensor, cond_emb: torch.Tensor, which: list[int] | None = None,
+               fast: bool = True) -> Posteriors:
         """x [B, M, H, W] in [0, 1] -> posteriors [B, len(which), dim] for the components in ``which``."""
         which = list(range(self.num_components)) if which is None else which
-        outs = [self.encoders[m](x[:, m: m + 1], cond_emb) for m in which]
+        outs = [self.encoders[m](x[:, m: m + 1], cond_emb, fast) for m in which]
         w_loc, w_raw, z_loc, z_raw = (torch.stack(t, dim=1) for t in zip(*outs))
         return Posteriors(w_loc, make_scale(w_raw, self.family), z_loc, make_scale(z_raw, self.family))
 
-    def decode(self, u: torch.Tensor, cond_emb: torch.Tensor) -> torch.Tensor:
+    def decode(self, u: torch.Tensor, cond_emb: torch.Tensor, fast: bool = True) -> torch.Tensor:
         """u [N, M, du] (one latent per target component), cond_emb [N, F] -> logits [N, M, H, W]."""
-        return torch.stack([self.decoders[n](u[:, n], cond_emb) for n in range(self.num_components)], dim=1)
+        return torch.stack([self.decoders[n](u[:, n], cond_emb, fast) for n in range(self.num_components)], dim=1)
 
-    def decode_target(self, n: int, u: torch.Tensor, cond_emb: torch.Tensor) -> torch.Tensor:
-        """All latents in u [N, du] through decoder n -> [N, H, W]."""
-        return self.decoders[n](u, cond_emb)
+    def decode_target(self, n: int, u: torch.Tensor, cond_emb: torch.Tensor, fast: bool = True) -> torch.Tensor:
+        """All latents in u [..., du] through decoder n -> [rows, H, W]; cond_emb: see ``Decoder.forward``."""
+        return self.decoders[n](u, cond_emb, fast)
 
     # ----------------------------------------------------------------------------------- generation
 
     @torch.no_grad()
-    def generate(self, cond_emb: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def generate(self, cond_emb: torch.Tensor, generator: torch.Generator | None = None,
+                 fast: bool = True) -> torch.Tensor:
         """Unconditional designs: z ~ p(z), w_m ~ p(w) -> probabilities [N, M, H, W]."""
         n, m = cond_emb.shape[0], self.num_components
         z = standard_noise((n, 1, self.cfg.latent_dim_z), self.family, cond_emb.device, generator)
         w = standard_noise((n, m, self.cfg.latent_dim_w), self.family, cond_emb.device, generator)
         u = torch.cat([w, z.expand(n, m, -1)], dim=-1)
-        return torch.sigmoid(self.decode(u, cond_emb))
+        return torch.sigmoid(self.decode(u, cond_emb, fast))
 
     @torch.no_grad()
     def complete(self, x: torch.Tensor, cond_emb: torch.Tensor, observed: list[int], joint: str = "mixture",
-                 use_mean: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+                 use_mean: bool = False, generator: torch.Generator | None = None, fast: bool = True) -> torch.Tensor:
         """Generate every component from the observed ones -> probabilities [N, M, H, W].
 
         The shared z comes from the observed components' posteriors (``joint``: ``mixture`` draws from one
@@ -138,7 +142,7 @@ class MMVAEPlus(nn.Module):
         ``use_mean`` takes posterior locations instead of samples.
         """
         n, m, device = x.shape[0], self.num_components, x.device
-        post = self.encode(x, cond_emb, observed)
+        post = self.encode(x, cond_emb, observed, fast)
         noise = lambda shape: standard_noise(shape, self.family, device, generator)  # noqa: E731
         if joint == "product" and len(observed) > 1:
             var = post.z_scale**2 * (2.0 if self.family == "Laplace" else 1.0)
@@ -154,7 +158,7 @@ class MMVAEPlus(nn.Module):
         own_w = post.w_loc if use_mean else post.w_loc + post.w_scale * noise(post.w_loc.shape)
         w[:, observed] = own_w
         u = torch.cat([w, z[:, None].expand(n, m, -1)], dim=-1)
-        return torch.sigmoid(self.decode(u, cond_emb))
+        return torch.sigmoid(self.decode(u, cond_emb, fast))
 
 
 def build_model(cfg: ModelConfig, components: list[str], image_size) -> MMVAEPlus:

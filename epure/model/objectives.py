@@ -67,17 +67,18 @@ def decoder_inputs(draws: LatentDraws) -> torch.Tensor:
 def decode_all(model: MMVAEPlus, u: torch.Tensor, cond_emb: torch.Tensor, batched: bool = True) -> torch.Tensor:
     """Logits [K, B, M_source, M_target, H, W].
 
-    ``batched``: one decoder call per target on all (sample, example, source) latents at once; otherwise one
-    call per (source, target) pair, the straightforward way (kept for the benchmark and the equality test).
+    ``batched`` (the fast path): one decoder call per target on all (sample, example, source) latents at once,
+    the condition's share of the first layer computed once per example. Otherwise one call per (source,
+    target) pair on the straightforward path, kept for the benchmark and the equality tests.
     """
     k, b, m, _, du = u.shape
     h, w = model.image_size
     if batched:
-        cond = cond_emb[None, :, None].expand(k, b, m, -1).reshape(k * b * m, -1)
-        per_target = [model.decode_target(n, u[:, :, :, n].reshape(k * b * m, du), cond) for n in range(m)]
-        return torch.stack(per_target, dim=1).view(k, b, m, m, h, w)
+        cond = cond_emb[None, :, None]  # broadcasts over samples and sources
+        per_target = [model.decode_target(n, u[:, :, :, n], cond).view(k, b, m, h, w) for n in range(m)]
+        return torch.stack(per_target, dim=3)
     cond = cond_emb[None].expand(k, b, -1).reshape(k * b, -1)
-    rows = [torch.stack([model.decode_target(n, u[:, :, src, n].reshape(k * b, du), cond).view(k, b, h, w)
+    rows = [torch.stack([model.decode_target(n, u[:, :, src, n].reshape(k * b, du), cond, fast=False).view(k, b, h, w)
                          for n in range(m)], dim=2) for src in range(m)]
     return torch.stack(rows, dim=2)
 
@@ -125,10 +126,11 @@ def forward_objective(model: MMVAEPlus, x: torch.Tensor, conditions: torch.Tenso
                       share: tuple[int, int] | None = None) -> ObjectiveOutput:
     """Evaluate ``elbo`` or ``dreg`` on a batch x [B, M, H, W] in [0, 1] with normalised conditions [B, C].
 
+    ``batched``: the fast path (default); False is the straightforward reference (see ``decode_all``).
     ``share``: see ``draw_latents`` (distributed training).
     """
     cond_emb = model.embed(conditions)
-    post = model.encode(x, cond_emb)
+    post = model.encode(x, cond_emb, fast=batched)
     draws = draw_latents(model, post, k, share)
     logits = decode_all(model, decoder_inputs(draws), cond_emb, batched=batched)
     if objective == "elbo":

@@ -1,0 +1,325 @@
+"""Training and sampling throughput of the fast path against the straightforward reference, in one run.
+
+    python benchmarks/throughput.py [--configs mmvaeplus_default toy] [--batch-size 128] [--steps 2]
+                                    [--device cpu|cuda] [--compile] [--bf16] [--json throughput.json]
+
+Quick check: --configs toy --batch-size 32 --steps 1.
+
+Both paths run interleaved in the same process on the same weights and batch, so the speed-up is a ratio
+measured under the same machine load; absolute numbers on a shared machine are noisy, ratios much less so.
+FLOPs are counted with torch.utils.flop_counter on a small batch and scaled per example (every operation is
+per example). The matmul rate (2048x2048 fp32) is measured in the same run and is the yardstick for
+"share of the arithmetic limit": reference GFLOP per example / (matmul GFLOP/s) is the time no implementation
+of the reference arithmetic can beat; the fast path does less arithmetic, so it may exceed 100%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import math
+import os
+import platform
+import threading
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch.utils.flop_counter import FlopCounterMode
+
+from epure.config import Config, load_config
+from epure.model import MMVAEPlus, build_model, forward_objective
+
+FLOP_BATCH = 4  # batch on which FLOPs are counted (exactly linear in the batch)
+
+
+@dataclass
+class ModeResult:
+    """One (config, mode) row of the table."""
+
+    config: str
+    mode: str
+    components: int
+    batch_size: int
+    train_examples_per_s: float = math.nan
+    train_gflop_per_example: float = math.nan
+    train_gflop_per_s: float = math.nan
+    share_of_matmul: float = math.nan  # own FLOPs per second / matmul rate
+    share_of_reference_limit: float = math.nan  # examples/s / (matmul rate / reference GFLOP per example)
+    speedup_vs_straightforward: float = math.nan
+    peak_memory_mib: float = math.nan
+    generate_examples_per_s: float = math.nan
+    generate_gflop_per_example: float = math.nan
+    inpaint_examples_per_s: float = math.nan
+    inpaint_gflop_per_example: float = math.nan
+    step_seconds: list[float] = field(default_factory=list)
+
+
+class PeakMemory(AbstractContextManager):
+    """Peak memory inside the block: max_memory_allocated on CUDA, resident set size polled on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak_bytes, self._stop = device, 0, threading.Event()
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            release_freed_memory()
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def _poll(self) -> None:
+        page = os.sysconf("SC_PAGE_SIZE")
+        while not self._stop.is_set():
+            with open("/proc/self/statm") as handle:
+                self.peak_bytes = max(self.peak_bytes, int(handle.read().split()[1]) * page)
+            self._stop.wait(0.01)
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by an earlier mode back to the OS, so the next mode's resident peak is its own."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: peaks may then include an earlier mode's freed memory
+        pass
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_gflops(device: torch.device, repeats: int = 10) -> float:
+    """Measured fp32 rate of a 2048x2048 matmul: the machine's arithmetic yardstick."""
+    a = torch.randn(2048, 2048, device=device)
+    b = torch.randn(2048, 2048, device=device)
+    for _ in range(2):
+        a @ b
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    synchronize(device)
+    return repeats * 2 * 2048**3 / (time.perf_counter() - start) / 1e9
+
+
+def counted_gflop(fn: Callable[[], object]) -> float:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e9
+
+
+def make_batch(cfg: Config, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random binary masks with a shared block (mask-like density) and random normalised conditions."""
+    g = torch.Generator().manual_seed(0)
+    m, (h, w) = len(cfg.data.components), cfg.data.image_size
+    x = (torch.rand(batch, m, h, w, generator=g) > 0.8).float()
+    x[:, :, h // 6: h // 2, w // 6: w // 2] = 1.0
+    return x.to(device), torch.randn(batch, cfg.model.cond_dim, generator=g).to(device)
+
+
+class Bench:
+    """The model, optimiser and batch of one config, shared by every mode so they see the same work."""
+
+    def __init__(self, cfg: Config, batch: int, device: torch.device):
+        torch.manual_seed(0)
+        self.cfg, self.device = cfg, device
+        self.model: MMVAEPlus = build_model(cfg.model, cfg.data.components, cfg.data.image_size).to(device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr, amsgrad=cfg.train.amsgrad)
+        self.x, self.c = make_batch(cfg, batch, device)
+        self.amp = False
+
+    def set_mode(self, mode: str) -> None:
+        """bf16 autocast and compiled networks belong to the modes named so; the weights are shared."""
+        self.amp = "bf16" in mode
+        for module in [*self.model.encoders, *self.model.decoders]:
+            if "compile" in mode:
+                module.compile()
+            else:
+                module._compiled_call_impl = None  # back to eager: what nn.Module.compile() set
+
+    def autocast(self) -> AbstractContextManager:
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else nullcontext()
+
+    def train_step(self, fast: bool, x: torch.Tensor | None = None, c: torch.Tensor | None = None) -> None:
+        """Forward, backward and optimiser step of the exact ``elbo`` objective, as ``epure train`` does."""
+        x, c = (self.x, self.c) if x is None else (x, c)
+        with self.autocast():
+            out = forward_objective(self.model, x, c, "elbo", self.cfg.model.beta, 1, batched=fast)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        self.optimizer.step()
+
+    @torch.no_grad()
+    def generate(self, fast: bool, c: torch.Tensor | None = None) -> None:
+        with self.autocast():
+            c = self.c if c is None else c
+            self.model.generate(self.model.embed(c), fast=fast)
+
+    @torch.no_grad()
+    def inpaint(self, fast: bool, x: torch.Tensor | None = None, c: torch.Tensor | None = None) -> None:
+        """Every component from component 0 alone."""
+        x, c = (self.x, self.c) if x is None else (x, c)
+        with self.autocast():
+            self.model.complete(x, self.model.embed(c), [0], fast=fast)
+
+
+def timed(fn: Callable[[], None], device: torch.device, repeats: int) -> list[float]:
+    seconds = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def run_config(name: str, args: argparse.Namespace, device: torch.device, matmul: float,
+               console: Console) -> list[ModeResult]:
+    cfg = load_config(name)
+    batch = args.batch_size
+    bench = Bench(cfg, batch, device)
+    modes: list[tuple[str, bool]] = [("straightforward", False), ("fast", True)]
+    if args.bf16:
+        if device.type != "cuda":
+            console.print("[yellow]--bf16 is for CUDA only (this CPU has no native bf16); skipped")
+        else:
+            modes.append(("fast+bf16", True))
+    if args.compile:
+        modes.append(("fast+compile", True))
+    fx, fc = bench.x[:FLOP_BATCH], bench.c[:FLOP_BATCH]
+    state = {k: v.clone() for k, v in bench.model.state_dict().items()}
+    for mode, fast in list(modes):
+        if "compile" in mode:  # compiling happens on the first call: a failure drops the mode, nothing else
+            bench.set_mode(mode)
+            console.log(f"{name}: compiling")
+            try:
+                start = time.perf_counter()
+                bench.train_step(fast)
+                bench.generate(fast)
+                bench.inpaint(fast)
+                console.log(f"{name}: compiled in {time.perf_counter() - start:.0f} s")
+            except Exception as err:  # noqa: BLE001 - any compiler failure means: run eager
+                console.print(f"[yellow]torch.compile failed, mode dropped: {type(err).__name__}: {err}")
+                modes.remove((mode, fast))
+    results = {mode: ModeResult(name, mode, len(cfg.data.components), batch) for mode, _ in modes}
+    for mode, fast in modes:
+        r = results[mode]
+        bench.set_mode(mode)
+        r.train_gflop_per_example = counted_gflop(lambda: bench.train_step(fast, fx, fc)) / FLOP_BATCH
+        r.generate_gflop_per_example = counted_gflop(lambda: bench.generate(fast, fc)) / FLOP_BATCH
+        r.inpaint_gflop_per_example = counted_gflop(lambda: bench.inpaint(fast, fx, fc)) / FLOP_BATCH
+    bench.model.load_state_dict(state)  # the FLOP-counting steps moved the weights; every mode starts alike
+    # Training: warm every mode up, then interleave the timed steps so all modes see the same machine load.
+    for mode, fast in modes:
+        bench.set_mode(mode)
+        console.log(f"{name}: warming up {mode}")
+        timed(lambda: bench.train_step(fast), device, args.warmup)
+    for _ in range(args.steps):
+        for mode, fast in modes:
+            bench.set_mode(mode)
+            with PeakMemory(device) as peak:
+                results[mode].step_seconds += timed(lambda: bench.train_step(fast), device, 1)
+            results[mode].peak_memory_mib = max(nan_to_zero(results[mode].peak_memory_mib), peak.peak_bytes / 2**20)
+    sample_seconds: dict[str, dict[str, list[float]]] = {mode: {"generate": [], "inpaint": []} for mode, _ in modes}
+    for repeat in range(args.sample_repeats + 1):  # interleaved like training; the first round warms up
+        for mode, fast in modes:
+            bench.set_mode(mode)
+            gen, inp = timed(lambda: bench.generate(fast), device, 1), timed(lambda: bench.inpaint(fast), device, 1)
+            if repeat:
+                sample_seconds[mode]["generate"] += gen
+                sample_seconds[mode]["inpaint"] += inp
+    for mode, seconds in sample_seconds.items():
+        results[mode].generate_examples_per_s = batch / min(seconds["generate"])
+        results[mode].inpaint_examples_per_s = batch / min(seconds["inpaint"])
+    reference = results["straightforward"]
+    for r in results.values():
+        r.train_examples_per_s = batch / min(r.step_seconds)  # the least disturbed step on a shared machine
+        r.train_gflop_per_s = r.train_gflop_per_example * r.train_examples_per_s
+        r.share_of_matmul = r.train_gflop_per_s / matmul
+        r.share_of_reference_limit = r.train_examples_per_s * reference.train_gflop_per_example / matmul
+        r.speedup_vs_straightforward = r.train_examples_per_s / reference.train_examples_per_s
+    return list(results.values())
+
+
+def nan_to_zero(value: float) -> float:
+    return 0.0 if math.isnan(value) else value
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    load = os.getloadavg()[0]
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} "
+            f"torch threads, load average {load:.1f}")
+
+
+def print_table(console: Console, results: list[ModeResult], matmul: float, where: str) -> None:
+    table = Table(title=f"epure throughput: {where}; fp32 matmul {matmul:.0f} GFLOP/s")
+    columns = ["config", "M", "mode", "train ex/s", "speed-up", "GFLOP/ex", "GFLOP/s", "% matmul",
+               "% ref. limit", "peak MiB", "generate ex/s", "inpaint ex/s"]
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("config", "mode") else "right")
+    for r in results:
+        table.add_row(r.config, str(r.components), r.mode, f"{r.train_examples_per_s:.2f}",
+                      f"{r.speedup_vs_straightforward:.2f}x", f"{r.train_gflop_per_example:.2f}",
+                      f"{r.train_gflop_per_s:.1f}", f"{100 * r.share_of_matmul:.0f}%",
+                      f"{100 * r.share_of_reference_limit:.0f}%", f"{r.peak_memory_mib:.0f}",
+                      f"{r.generate_examples_per_s:.0f}", f"{r.inpaint_examples_per_s:.0f}")
+    console.print(table)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", nargs="+", default=["mmvaeplus_default", "toy"],
+                        help="built-in config names or YAML files")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=2, help="timed training steps per mode (the fastest counts)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed training steps per mode first")
+    parser.add_argument("--sample-repeats", type=int, default=3, help="timed sampling calls per mode")
+    parser.add_argument("--bf16", action="store_true", help="also the fast path under bf16 autocast (CUDA only)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also the fast path with torch.compile'd networks (compiling takes minutes on a CPU)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--json", type=Path, default=Path("throughput.json"))
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    console = Console(width=180)
+    matmul_before = matmul_gflops(device)
+    results: list[ModeResult] = []
+    for name in args.configs:
+        results += run_config(name, args, device, matmul_before, console)
+    matmul = (matmul_before + matmul_gflops(device)) / 2  # the load may change during the run
+    for r in results:  # shares against the run's average matmul rate
+        r.share_of_matmul *= matmul_before / matmul
+        r.share_of_reference_limit *= matmul_before / matmul
+    where = machine(device)
+    print_table(console, results, matmul, where)
+    args.json.write_text(json.dumps({"machine": where, "torch": torch.__version__, "matmul_gflop_per_s": matmul,
+                                     "matmul_gflop_per_s_start_end": [matmul_before, 2 * matmul - matmul_before],
+                                     "args": {k: str(v) for k, v in vars(args).items()},
+                                     "results": [asdict(r) for r in results]}, indent=2))
+    console.print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
