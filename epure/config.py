@@ -55,6 +55,7 @@ class ModelConfig:
     priorposterior: str = "Laplace"  # Laplace | Normal
     likelihood: str = "bernoulli"  # bernoulli | normal | laplace
     likelihood_scale: float = 0.75  # fixed scale of the normal / laplace likelihoods
+    foreground_weight: float = 1.0  # weight of occupied pixels in the bernoulli likelihood (1: the plain one)
     objective: str = "elbo"  # elbo | dreg
     beta: float = 2.5
     K: int = 1
@@ -230,6 +231,11 @@ def validate(config: Config) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"config key '{key}' must be one of {allowed}, got {value!r}")
+    if m.foreground_weight <= 0:
+        raise ConfigError(f"model.foreground_weight must be positive, got {m.foreground_weight}")
+    if m.foreground_weight != 1.0 and m.likelihood != "bernoulli":
+        raise ConfigError(f"model.foreground_weight applies to the bernoulli likelihood only; it is "
+                          f"{m.foreground_weight} with model.likelihood {m.likelihood!r}")
     if m.beta < 0 or t.lr <= 0:
         raise ConfigError(f"model.beta must be >= 0 and train.lr > 0, got beta={m.beta}, lr={t.lr}")
 

@@ -8,7 +8,7 @@ import torch
 from epure.config import ConfigError, config_from_dict
 from epure.model import build_model, forward_objective
 from epure.model.mmvae import MMVAEPlus
-from epure.model.objectives import iwae_objective
+from epure.model.objectives import iwae_objective, log_likelihood
 
 from factories import tiny_config
 
@@ -46,6 +46,27 @@ def test_shapes(m: int) -> None:
 def test_latent_sizes_must_add_up() -> None:
     with pytest.raises(ConfigError, match="latent_dim_u"):
         config_from_dict({"model": {"latent_dim_w": 4, "latent_dim_z": 4, "latent_dim_u": 9}})
+
+
+def test_foreground_weight_moves_the_optimum_to_the_weighted_odds() -> None:
+    # a pixel occupied in 1 of 3 designs: the plain likelihood's best probability is 1/3, with the occupied
+    # pixels counted twice it is 2 * 1/3 / (2 * 1/3 + 2/3) = 0.5 (the threshold the metrics use)
+    targets = torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1)
+    for weight, expected in [(1.0, 1 / 3), (2.0, 0.5), (4.0, 2 / 3)]:
+        logit = torch.zeros(1, 1, 1, requires_grad=True)
+        optimizer = torch.optim.Adam([logit], lr=0.05)
+        for _ in range(600):
+            optimizer.zero_grad()
+            (-log_likelihood(logit.expand(3, 1, 1), targets, "bernoulli", 0.75, weight).sum()).backward()
+            optimizer.step()
+        assert torch.sigmoid(logit).item() == pytest.approx(expected, abs=1e-3)
+
+
+def test_foreground_weight_is_checked() -> None:
+    with pytest.raises(ConfigError, match="model.foreground_weight must be positive"):
+        config_from_dict({"model": {"foreground_weight": 0.0}})
+    with pytest.raises(ConfigError, match="bernoulli likelihood only"):
+        config_from_dict({"model": {"foreground_weight": 2.0, "likelihood": "normal"}})
 
 
 @pytest.mark.parametrize("likelihood", ["bernoulli", "normal", "laplace"])
