@@ -7,10 +7,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+import wandb
 from PIL import Image
 
 from epure.config import DataConfig
 from epure.data.dimensions import measure_dimensions
+
+from factories import sandbox_wandb
 
 
 @pytest.fixture(autouse=True)
@@ -23,6 +27,23 @@ def isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.M
     monkeypatch.setenv("WANDB_DIR", str(base / "wandb"))
     (base / "wandb").mkdir()
     return base
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One thread for a module of tiny models: on a shared 2-core machine it trains them several times faster
+    than two (the thread pool's spin-waits cost more than the work), and keeps results bitwise equal."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def wandb_sandbox(isolated_env: Path, monkeypatch: pytest.MonkeyPatch):
+    """Every wandb folder under the test's own directory, no login; yields WANDB_DIR."""
+    yield sandbox_wandb(monkeypatch, isolated_env)
+    wandb.teardown()
 
 
 def write_tiny_dataset(root: Path, n: int = 10, components: list[str] | None = None, mode: str = "L",

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+import wandb
+
 from epure.config import Config, config_from_dict
 from epure.data.synth import write_synthetic_dataset
 
@@ -30,3 +33,18 @@ def synthetic_dataset(folder: Path, n: int = 120, seed: int = 0) -> Path:
     if not (folder / "dimensions.csv").is_file():
         write_synthetic_dataset(folder, n=n, seed=seed)
     return folder
+
+
+def sandbox_wandb(monkeypatch: pytest.MonkeyPatch, base: Path) -> Path:
+    """Keep every wandb folder (staging, cache, settings) under ``base``, with no login; return WANDB_DIR.
+
+    wandb reads its environment once per process, so its singleton is reset to see these values.
+    """
+    for name, sub in {"WANDB_DIR": "wandb", "WANDB_DATA_DIR": "data", "WANDB_CACHE_DIR": "cache",
+                      "WANDB_CONFIG_DIR": "config", "WANDB_ARTIFACT_DIR": "artifacts"}.items():
+        (base / sub).mkdir(parents=True, exist_ok=True)
+        monkeypatch.setenv(name, str(base / sub))
+    monkeypatch.setenv("NETRC", str(base / "no-netrc"))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    wandb.teardown()
+    return base / "wandb"

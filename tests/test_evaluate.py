@@ -22,19 +22,12 @@ from epure.metrics import binarize, dice, iou
 from epure.sample import complete
 from epure.train import train
 
-from factories import TOY_COMPONENTS, synthetic_dataset, tiny_config
+from factories import TOY_COMPONENTS, sandbox_wandb, synthetic_dataset, tiny_config
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TINY_MODEL = {"model.nf": 4, "model.nf_max": 8, "model.latent_dim_w": 2, "model.latent_dim_z": 2,
               "model.latent_dim_u": 4, "train.max_steps": 3}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy CPU the thread pool's spin-waits cost seconds."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -245,7 +238,6 @@ def test_cli_evaluate_logs_an_evaluation_run_to_wandb(trained, tmp_path, monkeyp
     a model trained without W&B logs nothing unless asked."""
     import wandb
 
-    from test_tracking import sandbox_wandb
     from wandb_records import OfflineRun, find_run_files
 
     wandb_dir = sandbox_wandb(monkeypatch, tmp_path / "wb")

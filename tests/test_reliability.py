@@ -34,6 +34,8 @@ from epure.train import TrainingError, epoch_permutation, train
 from factories import TOY_COMPONENTS, tiny_config
 from wandb_records import OfflineRun, find_run_file
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 STEPS = 12  # two epochs of 6 steps; checkpoints every 2 steps
 WAIT_S = 180  # for a subprocess to reach a checkpoint on a busy machine
 
@@ -43,15 +45,6 @@ class Reference:
     data_root: Path
     cfg: Config  # 50 epochs: only --max-steps and signals end these runs
     run_dir: Path  # the uninterrupted run of STEPS steps
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One thread is faster for these tiny models on a shared 2-core machine, and keeps results bitwise equal."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

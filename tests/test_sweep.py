@@ -11,8 +11,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
-import wandb
 import yaml
 from typer.testing import CliRunner
 
@@ -21,23 +19,9 @@ from epure.cli import app
 from epure.config import save_config
 from epure.sweep import SweepError, load_sweep, run_offline, trial_config, trials_table
 from factories import synthetic_dataset, tiny_config
-from test_tracking import sandbox_wandb
 from wandb_records import OfflineRun, find_run_files
 
-
-@pytest.fixture(autouse=True)
-def wandb_dir(isolated_env: Path, monkeypatch: pytest.MonkeyPatch):
-    yield sandbox_wandb(monkeypatch, isolated_env)
-    wandb.teardown()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One thread trains these tiny models faster on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "wandb_sandbox")
 
 
 @pytest.fixture
@@ -55,7 +39,7 @@ def write_sweep(folder: Path, **definition) -> Path:
 
 
 def test_offline_sweep_trains_the_engine_trials_ranks_them_and_survives_a_failing_trial(
-        tmp_path: Path, base_config: Path, wandb_dir: Path, monkeypatch: pytest.MonkeyPatch):
+        tmp_path: Path, base_config: Path, wandb_sandbox: Path, monkeypatch: pytest.MonkeyPatch):
     # a Normal likelihood with scale 0 makes the loss NaN at once: those trials fail, the others train
     path = write_sweep(tmp_path, name="tiny", method="random",
                        metric={"name": "val/cross_iou", "goal": "maximize"},
@@ -111,7 +95,7 @@ def test_offline_sweep_trains_the_engine_trials_ranks_them_and_survives_a_failin
     assert list(table.columns[1].cells) == [r["trial"] for r in rows]
 
     # every trial is an offline W&B run in the sweep's group, with its scores or its error
-    runs = {OfflineRun(f).run.run_id: OfflineRun(f) for f in find_run_files(wandb_dir)}
+    runs = {OfflineRun(f).run.run_id: OfflineRun(f) for f in find_run_files(wandb_sandbox)}
     assert sorted(runs) == sorted(t.wandb_run for t in trials)
     assert outcome.sync_command.split()[2:] == [t.sync_dir for t in trials]
     for trial in trials:
@@ -161,7 +145,7 @@ def test_latent_u_follows_the_swept_w_and_z(base_config: Path, tmp_path: Path):
 
 
 def test_offline_early_termination_scores_every_epoch_and_stops_what_the_engine_says(
-        tmp_path: Path, base_config: Path, wandb_dir: Path, monkeypatch: pytest.MonkeyPatch):
+        tmp_path: Path, base_config: Path, wandb_sandbox: Path, monkeypatch: pytest.MonkeyPatch):
     path = write_sweep(tmp_path, name="hb", method="grid", metric={"name": "val/cross_iou", "goal": "maximize"},
                        early_terminate={"type": "hyperband", "min_iter": 1, "eta": 2},
                        parameters={"model.beta": {"values": [1.0, 2.0, 3.0]}, "train.epochs": {"value": 2}},
@@ -180,7 +164,7 @@ def test_offline_early_termination_scores_every_epoch_and_stops_what_the_engine_
     outcome = run_offline(spec, count=None)
     assert asked == [("trial-1", 1), ("trial-1", 2), ("trial-2", 1), ("trial-3", 1), ("trial-3", 2)]
     assert [(t.status, len(t.history)) for t in outcome.trials] == [("finished", 2), ("stopped", 1), ("finished", 2)]
-    runs = {OfflineRun(f).run.run_id: OfflineRun(f) for f in find_run_files(wandb_dir)}
+    runs = {OfflineRun(f).run.run_id: OfflineRun(f) for f in find_run_files(wandb_sandbox)}
     for trial in outcome.trials:
         logged = [row["val/cross_iou"] for row in runs[trial.wandb_run].history if "val/cross_iou" in row]
         assert logged == pytest.approx([scores["val/cross_iou"] for scores in trial.history])

@@ -31,8 +31,10 @@ from epure.sample import progress_images, unconditional_requests, write_uncondit
 from epure.tracking import (ArtifactError, NullTracker, WandbTracker, artifact_info, make_tracker,
                             parse_artifact_spec, resolve_artifact)
 from epure.train import TrainResult, train
+from factories import sandbox_wandb
 from wandb_records import OfflineRun, find_run_file
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "wandb_sandbox")
 RUN_FILES = ["checkpoints/last.pt", "components.json", "config.yaml", "normalization.json"]
 
 
@@ -43,36 +45,6 @@ def tiny_tree(data_root: Path, output_dir: Path, images_every_epochs: int = 1, m
             "train": {"batch_size": 8, "epochs": 1, "max_steps": max_steps, "output_dir": str(output_dir),
                       "device": "cpu"},
             "wandb": {"images_every_epochs": images_every_epochs, "log_every_steps": 1}}
-
-
-def sandbox_wandb(monkeypatch: pytest.MonkeyPatch, base: Path) -> Path:
-    """Keep every wandb folder (staging, cache, settings) under ``base``, with no login; return WANDB_DIR.
-
-    wandb reads its environment once per process, so its singleton is reset to see these values.
-    """
-    for name, sub in {"WANDB_DIR": "wandb", "WANDB_DATA_DIR": "data", "WANDB_CACHE_DIR": "cache",
-                      "WANDB_CONFIG_DIR": "config", "WANDB_ARTIFACT_DIR": "artifacts"}.items():
-        (base / sub).mkdir(parents=True, exist_ok=True)
-        monkeypatch.setenv(name, str(base / sub))
-    monkeypatch.setenv("NETRC", str(base / "no-netrc"))
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    wandb.teardown()
-    return base / "wandb"
-
-
-@pytest.fixture(autouse=True)
-def wandb_sandbox(isolated_env: Path, monkeypatch: pytest.MonkeyPatch):
-    yield sandbox_wandb(monkeypatch, isolated_env)
-    wandb.teardown()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """On a shared 2-core machine one thread trains these tiny models several times faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

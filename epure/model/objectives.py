@@ -94,9 +94,9 @@ def log_likelihood(logits: torch.Tensor, x: torch.Tensor, kind: str, scale: floa
     requested height (measured on the toy benchmark, see the README).
     """
     if kind == "bernoulli":
-        target = x.expand_as(logits)
-        weight = None if foreground_weight == 1.0 else 1.0 + (foreground_weight - 1.0) * target
-        return -F.binary_cross_entropy_with_logits(logits, target, weight, reduction="none").sum((-2, -1))
+        weight = None if foreground_weight == 1.0 else 1.0 + (foreground_weight - 1.0) * x  # broadcasts
+        return -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), weight,
+                                                   reduction="none").sum((-2, -1))
     mean = torch.sigmoid(logits)
     scale_t = torch.as_tensor(scale, dtype=logits.dtype, device=logits.device)
     family = "Normal" if kind == "normal" else "Laplace"
