@@ -254,7 +254,7 @@ def _images_fn(progress_images):
 def _report_training(result) -> None:
     table = Table(title="training")
     for column in ("run directory", "status", "epochs", "steps", "best val loss", "last val loss"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")  # a narrow terminal wraps the run directory, never cuts it
     table.add_row(str(result.run_dir), result.status, str(result.epoch), str(result.step),
                   f"{result.best_val_loss:.2f}", f"{result.last_val_loss:.2f}")
     Console().print(table)
