@@ -68,6 +68,8 @@ class TrainConfig:
     epochs: int = 250
     batch_size: int = 128
     lr: float = 1e-3
+    lr_schedule: str = "constant"  # constant | cosine (decays over the budget: steps, epochs or minutes)
+    lr_final_fraction: float = 0.05  # cosine: the last learning rate, as a fraction of lr
     amsgrad: bool = True
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | mps
@@ -226,6 +228,7 @@ def validate(config: Config) -> None:
         "model.likelihood": (m.likelihood, ["bernoulli", "normal", "laplace"]),
         "model.objective": (m.objective, ["elbo", "dreg"]),
         "train.device": (t.device, ["auto", "cpu", "cuda", "mps"]),
+        "train.lr_schedule": (t.lr_schedule, ["constant", "cosine"]),
         "wandb.mode": (w.mode, ["auto", "online", "offline", "off"]),
     }
     for key, (value, allowed) in choices.items():
@@ -238,6 +241,8 @@ def validate(config: Config) -> None:
                           f"{m.foreground_weight} with model.likelihood {m.likelihood!r}")
     if m.beta < 0 or t.lr <= 0:
         raise ConfigError(f"model.beta must be >= 0 and train.lr > 0, got beta={m.beta}, lr={t.lr}")
+    if not 0.0 <= t.lr_final_fraction <= 1.0:
+        raise ConfigError(f"train.lr_final_fraction must be in [0, 1], got {t.lr_final_fraction}")
 
 
 def builtin_config_path(name: str) -> Path:

@@ -28,7 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from epure import distributed
 from epure.checkpoint import (CheckpointError, LoadedModel, git_commit, read_run_checkpoint, save_checkpoint,
                               set_aside_damaged)
-from epure.config import Config, config_from_dict, save_config
+from epure.config import Config, TrainConfig, config_from_dict, save_config
 from epure.data import DataBundle, load_data
 from epure.io import atomic_write_json, atomic_write_text
 from epure.model import MMVAEPlus, build_model, forward_objective
@@ -120,6 +120,29 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def budget_progress(step: int, planned_steps: int, minutes: float, max_minutes: float, start_progress: float) -> float:
+    """How much of the budget is spent (0 to 1): the larger of the step and the time fractions.
+
+    It never falls below what a resumed run had reached (``start_progress``), and a resumed run's new time
+    budget covers what its schedule had left.
+    """
+    spent = max(step / planned_steps, start_progress)
+    if max_minutes:
+        spent = max(spent, start_progress + (1.0 - start_progress) * minutes / max_minutes)
+    return min(spent, 1.0)
+
+
+def scheduled_lr(tc: TrainConfig, progress: float) -> float:
+    """Learning rate at a point of the budget (0: start, 1: end).
+
+    A cosine decay ends training at a small step size, which settles the weights the budget leaves us with.
+    """
+    if tc.lr_schedule == "constant":
+        return tc.lr
+    floor = tc.lr * tc.lr_final_fraction
+    return floor + 0.5 * (tc.lr - floor) * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
 
 
 @torch.no_grad()
@@ -221,7 +244,7 @@ def train(cfg: Config, *, resume: str | Path | None = None, data: DataBundle | N
         step_module = nn.parallel.DistributedDataParallel(
             step_module, device_ids=[device.index] if device.type == "cuda" else None)
 
-    epoch, step, batch_in_epoch, best_val = 0, 0, 0, math.inf
+    epoch, step, batch_in_epoch, best_val, start_progress = 0, 0, 0, math.inf, 0.0
     history: list[dict[str, Any]] = []
     if resume_state is not None:
         model.load_state_dict(resume_state["model"])
@@ -229,6 +252,7 @@ def train(cfg: Config, *, resume: str | Path | None = None, data: DataBundle | N
         epoch, step = resume_state["epoch"], resume_state["step"]
         batch_in_epoch = resume_state.get("batch_in_epoch", 0)
         best_val = resume_state.get("best_val_loss", math.inf)
+        start_progress = resume_state.get("schedule_progress", 0.0)
         set_rng_state(resume_state["rng"])
         # rows written after the checkpoint (one that fell back to an older file) are redone
         history = [row for row in read_metrics_csv(run_dir / "metrics.csv") if int(row["step"]) <= step]
@@ -259,13 +283,14 @@ def train(cfg: Config, *, resume: str | Path | None = None, data: DataBundle | N
     if steps_per_epoch == 0:
         raise TrainingError(f"{n} training designs cannot fill one global batch of {global_batch} "
                             f"({ctx.world_size} processes x batch_size {batch})")
+    planned_steps = tc.epochs * steps_per_epoch if not tc.max_steps else min(tc.max_steps, tc.epochs * steps_per_epoch)
 
     def checkpoint_state(next_epoch: int, next_batch: int, val_loss: float | None) -> dict[str, Any]:
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": cfg.to_dict(),
                 "components": list(cfg.data.components), "normalizer": normalizer.to_dict(),
                 "epoch": next_epoch, "batch_in_epoch": next_batch, "step": step, "val_loss": val_loss,
-                "best_val_loss": best_val, "rng": rng_state(), "data_fingerprint": data.fingerprint,
-                "git_commit": commit}
+                "best_val_loss": best_val, "schedule_progress": progress_now, "rng": rng_state(),
+                "data_fingerprint": data.fingerprint, "git_commit": commit}
 
     def save(name: str, state: dict[str, Any]) -> None:
         if not ctx.is_main:
@@ -279,6 +304,7 @@ def train(cfg: Config, *, resume: str | Path | None = None, data: DataBundle | N
 
     commit = git_commit()
     status, skipped, nonfinite_run, last_val, loss = "finished", 0, 0, math.nan, math.nan
+    progress_now = start_progress
     start_time = last_ckpt_time = time.monotonic()
     window_start, window_samples = time.monotonic(), 0
     model.train()
@@ -298,10 +324,12 @@ def train(cfg: Config, *, resume: str | Path | None = None, data: DataBundle | N
                 out = step_module(x, train_c[index], share)
                 minutes = (time.monotonic() - start_time) / 60
                 # one small reduction per step keeps every rank's decisions (skip, stop) identical
-                loss_sum, stop_votes, over_time = distributed.sum_across(
+                loss_sum, stop_votes, over_time, minutes_sum = distributed.sum_across(
                     ctx, [out.loss.item(), float(stop.signal_name is not None),
-                          float(bool(tc.max_minutes) and minutes >= tc.max_minutes)])
+                          float(bool(tc.max_minutes) and minutes >= tc.max_minutes), minutes])
                 loss = loss_sum / ctx.world_size
+                progress_now = budget_progress(step, planned_steps, minutes_sum / ctx.world_size, tc.max_minutes,
+                                               start_progress)  # the same on every rank
                 batch_in_epoch += 1
                 if not math.isfinite(loss):
                     skipped += 1
@@ -325,6 +353,8 @@ def train(cfg: Config, *, resume: str | Path | None = None, data: DataBundle | N
                 nonfinite_run = 0
                 optimizer.zero_grad(set_to_none=True)
                 out.loss.backward()
+                for group in optimizer.param_groups:
+                    group["lr"] = scheduled_lr(tc, progress_now)
                 optimizer.step()
                 step += 1
                 window_samples += global_batch

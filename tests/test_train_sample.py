@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +16,9 @@ from epure.data import load_data, load_split
 from epure.model import build_model
 from epure.sample import SamplingError, component_indices, complete
 from epure.checkpoint import LoadedModel
-from epure.train import train
+from epure.config import ConfigError
+from epure.tracking import NullTracker
+from epure.train import budget_progress, scheduled_lr, train
 
 from factories import synthetic_dataset, tiny_config
 
@@ -64,6 +69,13 @@ def test_checkpoint_round_trip_reproduces_outputs(dataset, tmp_path) -> None:
     np.testing.assert_array_equal(out_a, out_b)
 
 
+def assert_same_weights(run_a, run_b) -> None:
+    a = torch.load(run_a / "checkpoints" / "last.pt", weights_only=False)["model"]
+    b = torch.load(run_b / "checkpoints" / "last.pt", weights_only=False)["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
 def test_resume_equals_uninterrupted_training(dataset, tmp_path) -> None:
     """Stopping after 5 steps (mid-epoch) and resuming gives the parameters of one 2-epoch run."""
     whole = train(tiny_config(dataset, tmp_path / "a", COMPONENTS, **{"train.epochs": 2}))
@@ -71,10 +83,55 @@ def test_resume_equals_uninterrupted_training(dataset, tmp_path) -> None:
     assert first.status == "budget" and first.step == 5
     resumed = train(tiny_config(dataset, tmp_path / "b", COMPONENTS, **{"train.epochs": 2}), resume=first.run_dir)
     assert resumed.step == whole.step and resumed.epoch == 2
-    a = torch.load(whole.run_dir / "checkpoints" / "last.pt", weights_only=False)["model"]
-    b = torch.load(resumed.run_dir / "checkpoints" / "last.pt", weights_only=False)["model"]
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    assert_same_weights(whole.run_dir, resumed.run_dir)
+
+
+class InterruptAtStep(NullTracker):
+    """Sends this process SIGTERM when a given step is logged, as a scheduler preempting the job would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def log(self, metrics, step: int) -> None:
+        if step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_cosine_schedule_resumes_where_it_stopped(dataset, tmp_path) -> None:
+    """A preempted cosine run, resumed, ends with the weights of the uninterrupted one: the schedule is not
+    restarted (a ``max_steps`` stop would not do here: it is a budget, so it shortens the schedule)."""
+    settings = {"train.epochs": 2, "train.lr_schedule": "cosine", "wandb.log_every_steps": 1}
+    whole = train(tiny_config(dataset, tmp_path / "a", COMPONENTS, **settings))
+    first = train(tiny_config(dataset, tmp_path / "b", COMPONENTS, **settings), tracker=InterruptAtStep(5))
+    assert first.status == "interrupted" and first.step == 6  # the signal is answered after the next step
+    resumed = train(tiny_config(dataset, tmp_path / "b", COMPONENTS, **settings), resume=first.run_dir)
+    assert resumed.step == whole.step and resumed.epoch == 2
+    assert_same_weights(whole.run_dir, resumed.run_dir)
+
+
+def test_cosine_schedule_decays_over_the_budget(dataset, tmp_path) -> None:
+    cfg = tiny_config(dataset, tmp_path / "out", COMPONENTS, **{"train.lr_schedule": "cosine", "train.max_steps": 6})
+    lr, floor = cfg.train.lr, cfg.train.lr * cfg.train.lr_final_fraction
+    assert scheduled_lr(cfg.train, 0.0) == pytest.approx(lr) and scheduled_lr(cfg.train, 1.0) == pytest.approx(floor)
+    assert scheduled_lr(cfg.train, 0.5) == pytest.approx((lr + floor) / 2)
+    rates = [scheduled_lr(cfg.train, p) for p in np.linspace(0, 1, 11)]
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    assert scheduled_lr(cfg.updated({"train.lr_schedule": "constant"}).train, 0.9) == lr
+    # the 6th (last) update of a 6-step budget is taken at 5/6 of the schedule
+    result = train(cfg)
+    state = torch.load(result.run_dir / "checkpoints" / "last.pt", weights_only=False)
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(scheduled_lr(cfg.train, 5 / 6))
+    assert state["schedule_progress"] == pytest.approx(5 / 6)
+    # time budgets: the larger fraction counts; a resumed run spends its new minutes on what was left
+    assert budget_progress(10, 100, 20.0, 40.0, 0.0) == pytest.approx(0.5)
+    assert budget_progress(80, 100, 20.0, 40.0, 0.0) == pytest.approx(0.8)
+    assert budget_progress(0, 100, 0.0, 40.0, 0.6) == pytest.approx(0.6)
+    assert budget_progress(0, 100, 20.0, 40.0, 0.6) == pytest.approx(0.8)
+    assert budget_progress(100, 100, 90.0, 40.0, 0.0) == 1.0
+    with pytest.raises(ConfigError, match="train.lr_schedule"):
+        cfg.updated({"train.lr_schedule": "linear"})
+    with pytest.raises(ConfigError, match="train.lr_final_fraction"):
+        cfg.updated({"train.lr_final_fraction": 1.5})
 
 
 def test_sample_layout_and_errors(dataset, tmp_path) -> None:
