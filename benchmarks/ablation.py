@@ -12,7 +12,6 @@ evaluated on the test split; a table and a JSON (``--out``) hold the headline me
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from epure.checkpoint import load_model
 from epure.config import load_config
 from epure.data import load_data
 from epure.evaluate import EvaluationOptions, evaluate
+from epure.io import atomic_write_json
 from epure.train import train
 
 HEADLINE = ["cross_iou", "self_iou", "uncond/union_one_piece", "uncond/all_one_piece", "dims/width_mae",
@@ -74,7 +74,7 @@ def main() -> None:
         table.add_row(name, str(r["steps"]), f"{r['minutes']:.1f}", *[f"{r[k]:.3f}" for k in HEADLINE])
     console.print(table)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
+    atomic_write_json(Path(args.out), results)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import math
 import os
 import platform
@@ -34,6 +33,7 @@ from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode
 
 from epure.config import Config, load_config
+from epure.io import atomic_write_json
 from epure.model import MMVAEPlus, build_model, forward_objective
 
 FLOP_BATCH = 4  # batch on which FLOPs are counted (exactly linear in the batch)
@@ -314,10 +314,10 @@ def main() -> None:
         r.share_of_reference_limit *= matmul_before / matmul
     where = machine(device)
     print_table(console, results, matmul, where)
-    args.json.write_text(json.dumps({"machine": where, "torch": torch.__version__, "matmul_gflop_per_s": matmul,
-                                     "matmul_gflop_per_s_start_end": [matmul_before, 2 * matmul - matmul_before],
-                                     "args": {k: str(v) for k, v in vars(args).items()},
-                                     "results": [asdict(r) for r in results]}, indent=2))
+    atomic_write_json(args.json, {"machine": where, "torch": torch.__version__, "matmul_gflop_per_s": matmul,
+                                  "matmul_gflop_per_s_start_end": [matmul_before, 2 * matmul - matmul_before],
+                                  "args": {k: str(v) for k, v in vars(args).items()},
+                                  "results": [asdict(r) for r in results]})
     console.print(f"wrote {args.json}")
 
 

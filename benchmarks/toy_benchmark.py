@@ -29,6 +29,7 @@ from epure.checkpoint import load_model
 from epure.config import load_config
 from epure.data import load_data
 from epure.evaluate import EvaluationOptions, evaluate
+from epure.io import atomic_write_text
 from epure.train import train
 
 SHORT = {"group_nc": "nc", "group_km": "km", "fpu": "fpu"}
@@ -123,9 +124,9 @@ def main() -> None:
              f"load average {os.getloadavg()[0]:.1f}; completions from {latents}; run {run_dir}")
     console.print(render(row, real, title))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"run_dir": str(run_dir), "steps": steps, "minutes": minutes,
-                                    "config": cfg.to_dict()["model"], "options": vars(options), "table": row,
-                                    "real": real, "metrics": metrics}, indent=2, default=str))
+    atomic_write_text(args.out, json.dumps({"run_dir": str(run_dir), "steps": steps, "minutes": minutes,
+                                            "config": cfg.to_dict(), "options": vars(options), "table": row,
+                                            "real": real, "metrics": metrics}, indent=2, default=str))
 
 
 if __name__ == "__main__":

@@ -312,7 +312,7 @@ def train(cfg: Config, *, resume: str | Path | None = None, data: DataBundle | N
                         TextColumn("loss {task.fields[loss]:.1f}"), TextColumn("{task.fields[rate]:.0f} samples/s"),
                         TimeElapsedColumn(), transient=False, disable=not ctx.is_main)
     with StopFlag() as stop, progress:
-        task = progress.add_task("train", total=(tc.epochs - epoch) * steps_per_epoch - batch_in_epoch,
+        task = progress.add_task("train", total=max(planned_steps - step, 0),
                                  epoch=epoch + 1, loss=math.nan, rate=0.0)
         while epoch < tc.epochs and status == "finished":
             order = epoch_permutation(n, tc.seed, epoch).to(device)
@@ -358,11 +358,9 @@ def train(cfg: Config, *, resume: str | Path | None = None, data: DataBundle | N
                 optimizer.step()
                 step += 1
                 window_samples += global_batch
-                progress.update(task, advance=1, loss=loss, epoch=epoch + 1)
+                rate = window_samples / max(time.monotonic() - window_start, 1e-9)
+                progress.update(task, advance=1, loss=loss, epoch=epoch + 1, rate=rate)
                 if step % max(1, cfg.wandb.log_every_steps) == 0:
-                    elapsed = time.monotonic() - window_start
-                    rate = window_samples / max(elapsed, 1e-9)
-                    progress.update(task, rate=rate)
                     tracker.log({"train/loss": loss, "train/bound": out.bound.item(),
                                  **{f"train/{k}": v.item() for k, v in out.terms.items()},
                                  "train/lr": optimizer.param_groups[0]["lr"], "train/samples_per_sec": rate,

@@ -282,3 +282,24 @@ def test_sampling_requests_outside_the_training_range(reference: Reference, tmp_
     with pytest.raises(SamplingError, match="nothing to sample"):
         write_unconditional(loaded, tmp_path / "none", np.zeros((0, 2), np.float32), [])
     assert not (tmp_path / "none").exists()
+
+
+def test_atomic_write_keeps_the_old_file_on_failure_and_uses_the_umask(tmp_path: Path) -> None:
+    from epure.io import atomic_write, atomic_write_text
+
+    target = tmp_path / "result.json"
+    old_mask = os.umask(0o022)
+    try:
+        atomic_write_text(target, "first")
+        assert target.stat().st_mode & 0o777 == 0o644  # readable by colleagues, like any file open() makes
+
+        def crash(tmp: Path) -> None:
+            tmp.write_text("half")
+            raise RuntimeError("disk gone")
+
+        with pytest.raises(RuntimeError, match="disk gone"):
+            atomic_write(target, crash)
+    finally:
+        os.umask(old_mask)
+    assert target.read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]  # no temporary left behind
