@@ -53,7 +53,7 @@ class ModelConfig:
     cond_dim: int = 2
     cond_hidden: list[int] = field(default_factory=lambda: [128, 256])
     priorposterior: str = "Laplace"  # Laplace | Normal
-    likelihood: str = "bernoulli"  # bernoulli | normal | laplace
+    likelihood: str = "bernoulli"  # bernoulli | continuous_bernoulli | normal | laplace
     likelihood_scale: float = 0.75  # fixed scale of the normal / laplace likelihoods
     foreground_weight: float = 1.0  # weight of occupied pixels in the bernoulli likelihood (1: the plain one)
     objective: str = "elbo"  # elbo | dreg
@@ -225,7 +225,7 @@ def validate(config: Config) -> None:
             raise ConfigError(f"config key '{key}' must be positive, got {value}")
     choices = {
         "model.priorposterior": (m.priorposterior, ["Laplace", "Normal"]),
-        "model.likelihood": (m.likelihood, ["bernoulli", "normal", "laplace"]),
+        "model.likelihood": (m.likelihood, ["bernoulli", "continuous_bernoulli", "normal", "laplace"]),
         "model.objective": (m.objective, ["elbo", "dreg"]),
         "train.device": (t.device, ["auto", "cpu", "cuda", "mps"]),
         "train.lr_schedule": (t.lr_schedule, ["constant", "cosine"]),

@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch.distributions import ContinuousBernoulli
 from torch.nn import functional as F
 
 from epure.model.mmvae import MMVAEPlus, Posteriors, log_density, standard_noise
@@ -97,6 +98,10 @@ def log_likelihood(logits: torch.Tensor, x: torch.Tensor, kind: str, scale: floa
         weight = None if foreground_weight == 1.0 else 1.0 + (foreground_weight - 1.0) * x  # broadcasts
         return -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), weight,
                                                    reduction="none").sum((-2, -1))
+    if kind == "continuous_bernoulli":
+        # Bernoulli's cross-entropy plus the normaliser that makes it a density on [0, 1]. Images stay
+        # sigmoid(logits): it exceeds 0.5 exactly where this distribution's mean does, so masks are the same.
+        return ContinuousBernoulli(logits=logits, validate_args=False).log_prob(x).sum((-2, -1))
     mean = torch.sigmoid(logits)
     scale_t = torch.as_tensor(scale, dtype=logits.dtype, device=logits.device)
     family = "Normal" if kind == "normal" else "Laplace"
