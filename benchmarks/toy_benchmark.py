@@ -21,6 +21,7 @@ import os
 import time
 from pathlib import Path
 
+import torch
 import yaml
 from rich.console import Console
 from rich.table import Table
@@ -66,9 +67,9 @@ def real_row(metrics: dict[str, float]) -> dict[str, float]:
             "width error, px": metrics["eval/real/width_mae"], "height error, px": metrics["eval/real/height_mae"]}
 
 
-def render(row: dict[str, float], real: dict[str, float], title: str) -> Table:
+def render(row: dict[str, float], real: dict[str, float], title: str, sections: int) -> Table:
     table = Table(title=title)
-    for column in ("metric (1,000 toy test sections)", "epure", "goal", "seed MMVAE+", "masked VAE", "16-NN",
+    for column in (f"metric ({sections:,} toy test sections)", "epure", "goal", "seed MMVAE+", "masked VAE", "16-NN",
                    "real sections"):
         table.add_column(column, justify="left" if column.startswith("metric") else "right")
     for name, (seed, masked, knn, goal) in REFERENCES.items():
@@ -120,9 +121,10 @@ def main() -> None:
     row, real = our_row(metrics), real_row(metrics)
     budget = f"{minutes:.1f} min, " if minutes is not None else ""
     latents = "posterior samples" if args.sample_latents else "posterior means"
-    title = (f"{args.config}: {budget}{steps} steps, {len(os.sched_getaffinity(0))} CPUs, "
+    gpu = f"{torch.cuda.get_device_name()}, " if torch.cuda.is_available() else ""
+    title = (f"{args.config}: {budget}{steps} steps, {gpu}{len(os.sched_getaffinity(0))} CPUs, "
              f"load average {os.getloadavg()[0]:.1f}; completions from {latents}; run {run_dir}")
-    console.print(render(row, real, title))
+    console.print(render(row, real, title, min(args.eval_limit, len(data.test))))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps({"run_dir": str(run_dir), "steps": steps, "minutes": minutes,
                                             "config": cfg.to_dict(), "options": vars(options), "table": row,
