@@ -73,7 +73,6 @@ def main() -> None:
     for name, r in results.items():
         table.add_row(name, str(r["steps"]), f"{r['minutes']:.1f}", *[f"{r[k]:.3f}" for k in HEADLINE])
     console.print(table)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(Path(args.out), results)
 
 

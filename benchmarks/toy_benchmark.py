@@ -125,7 +125,6 @@ def main() -> None:
     title = (f"{args.config}: {budget}{steps} steps, {gpu}{len(os.sched_getaffinity(0))} CPUs, "
              f"load average {os.getloadavg()[0]:.1f}; completions from {latents}; run {run_dir}")
     console.print(render(row, real, title, min(args.eval_limit, len(data.test))))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps({"run_dir": str(run_dir), "steps": steps, "minutes": minutes,
                                             "config": cfg.to_dict(), "options": vars(options), "table": row,
                                             "real": real, "metrics": metrics}, indent=2, default=str))

@@ -353,8 +353,9 @@ def train(cfg: Config, *, resume: str | Path | None = None, data: DataBundle | N
                 nonfinite_run = 0
                 optimizer.zero_grad(set_to_none=True)
                 out.loss.backward()
+                lr = scheduled_lr(tc, progress_now)
                 for group in optimizer.param_groups:
-                    group["lr"] = scheduled_lr(tc, progress_now)
+                    group["lr"] = lr
                 optimizer.step()
                 step += 1
                 window_samples += global_batch
@@ -363,7 +364,7 @@ def train(cfg: Config, *, resume: str | Path | None = None, data: DataBundle | N
                 if step % max(1, cfg.wandb.log_every_steps) == 0:
                     tracker.log({"train/loss": loss, "train/bound": out.bound.item(),
                                  **{f"train/{k}": v.item() for k, v in out.terms.items()},
-                                 "train/lr": optimizer.param_groups[0]["lr"], "train/samples_per_sec": rate,
+                                 "train/lr": lr, "train/samples_per_sec": rate,
                                  "epoch": epoch + (batch_in_epoch / steps_per_epoch)}, step)
                     window_start, window_samples = time.monotonic(), 0
                 if (tc.max_steps and step >= tc.max_steps) or over_time:
