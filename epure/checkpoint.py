@@ -6,18 +6,36 @@ weights, the resolved config, the normaliser and component names (so it samples 
 and RNG state that ``--resume`` needs. Files are written atomically, and each new ``last.pt`` first moves the
 one before it to ``previous.pt``, so a damaged ``last.pt`` never costs more than one checkpoint interval: a
 checkpoint that does not load is reported with its path and the newest good one is used instead.
+
+Nothing a checkpoint holds can run code when it is loaded: files are read with ``torch.load(weights_only=True)``
+(PyTorch's restricted unpickler: tensors, plain Python values and the types allowed below, nothing else), and
+``save_checkpoint`` refuses to write anything else. A file whose pickle asks for anything more (a crafted
+``.pt`` whose ``__reduce__`` calls ``os.system``, say) is refused with an error that names it; it is never
+unpickled. ``format_version`` says how a checkpoint is laid out:
+
+- 1 (key ``format``): numpy's RNG state as numpy's own tuple (a ``uint32`` array inside). Still read: the
+  four numpy globals that array needs are allowed while loading, in a ``torch.serialization.safe_globals``
+  scope (never process-wide). They only rebuild a plain ``ndarray`` from its shape, dtype and bytes; an
+  object array would need a list of objects, and those objects face the same restricted unpickler.
+- 2 (key ``format_version``): only tensors and plain Python values; numpy's RNG state as a dict of plain
+  values and a tensor. Format-1 checkpoints are upgraded in memory as they are read and written as format 2
+  the next time the run saves.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import pickle
+import re
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from numpy.core.multiarray import _reconstruct
 
 from epure.config import Config, config_from_dict
 from epure.data.dataset import ConditionNormalizer
@@ -26,12 +44,23 @@ from epure.model import MMVAEPlus, build_model
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # see the module docstring for what each version holds
 CHECKPOINT_NAMES = ("last.pt", "previous.pt", "best.pt")
+FORMAT_1_GLOBALS = [_reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]  # numpy's legacy RNG state
+_PLAIN_TYPES = (str, int, float, bool, type(None))  # exact types: numpy scalars subclass float but pickle as numpy
+_REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")  # how torch's restricted unpickler names what it refused
 
 
 class CheckpointError(ValueError):
     """A checkpoint or run directory that cannot be used; the message names the file."""
+
+
+class CheckpointRefusedError(CheckpointError):
+    """A checkpoint that loads but must not be used: unsafe, or of a format this epure does not read.
+
+    Unlike a damaged file, a run directory does not fall back to an older checkpoint past it: a file that was
+    tampered with, or written by a newer epure, is something its user must hear about.
+    """
 
 
 def save_checkpoint(path: Path, state: dict[str, Any], keep_previous: bool = False) -> None:
@@ -41,23 +70,84 @@ def save_checkpoint(path: Path, state: dict[str, Any], keep_previous: bool = Fal
     older good checkpoint survives a ``last.pt`` damaged later (bad disk, a copy cut short).
     """
     path = Path(path)
-    state = {"format": FORMAT_VERSION, **state}
+    kept = {k: v for k, v in state.items() if k not in ("format", "format_version")}
+    state = {"format_version": FORMAT_VERSION, **kept}
+    _check_plain(state, "checkpoint")
     if keep_previous and path.is_file():
         os.replace(path, path.with_name("previous.pt"))
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
+def _check_plain(value: Any, where: str) -> None:
+    """Only what ``torch.load(weights_only=True)`` reads without an allow-list: fail at save time, not load."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if type(key) not in (str, int):
+                raise TypeError(f"{where}: key {key!r} is a {type(key).__name__}; checkpoint keys are str or int")
+            _check_plain(item, f"{where}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_plain(item, f"{where}[{i}]")
+    elif not isinstance(value, torch.Tensor) and type(value) not in _PLAIN_TYPES:
+        raise TypeError(f"{where} is a {type(value).__module__}.{type(value).__name__}: checkpoints hold only "
+                        "tensors and plain Python values, so that torch.load(weights_only=True) reads them")
+
+
+def numpy_rng_state() -> dict[str, Any]:
+    """numpy's global RNG state as plain values and a tensor (format 2), not numpy's tuple with an array."""
+    return _plain_numpy_state(np.random.get_state())
+
+
+def _plain_numpy_state(state: tuple) -> dict[str, Any]:
+    kind, key, pos, has_gauss, gauss = state
+    return {"bit_generator": str(kind), "key": torch.from_numpy(np.asarray(key, dtype=np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "gauss": float(gauss)}
+
+
+def set_numpy_rng_state(state: dict[str, Any]) -> None:
+    np.random.set_state((state["bit_generator"], state["key"].numpy().astype(np.uint32), state["pos"],
+                         state["has_gauss"], state["gauss"]))
+
+
 def read_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint dict, with a clear error for a missing, truncated or foreign file."""
+    """Load a checkpoint dict safely, with a clear error for a missing, truncated, unsafe or foreign file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(FORMAT_1_GLOBALS):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        refused = _REFUSED_GLOBAL.search(str(err))
+        if refused:
+            raise CheckpointRefusedError(
+                f"{path}: refused to load: its pickle asks for {refused[1]}, which no epure checkpoint holds and "
+                "which could run code on this machine; it was not unpickled. Use checkpoints written by epure, "
+                "from a source you trust") from err
+        raise CheckpointError(f"{path}: checkpoint is truncated or corrupt (UnpicklingError: {err})") from err
     except Exception as err:  # torch raises many types for damaged files (RuntimeError, EOFError, pickle errors)
         raise CheckpointError(f"{path}: checkpoint is truncated or corrupt ({type(err).__name__}: {err})") from err
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise CheckpointError(f"{path}: not an epure checkpoint (no model weights and config inside)")
+    return _upgraded(path, state)
+
+
+def _upgraded(path: Path, state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` in the current format; an unknown or newer ``format_version`` is an error naming both."""
+    version = state.get("format_version", state.get("format"))
+    if version == FORMAT_VERSION:
+        return state
+    if version != 1:
+        newer = isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION
+        raise CheckpointRefusedError(
+            f"{path}: checkpoint format_version {version!r}, but this epure reads format_version 1 to "
+            f"{FORMAT_VERSION}" + ("; it was written by a newer epure: upgrade epure to use it" if newer else
+                                   "; it was not written by epure, or is damaged"))
+    state = {k: v for k, v in state.items() if k != "format"}
+    rng = state.get("rng")
+    if isinstance(rng, dict) and isinstance(rng.get("numpy"), tuple):
+        state["rng"] = {**rng, "numpy": _plain_numpy_state(rng["numpy"])}
+    state["format_version"] = FORMAT_VERSION
     return state
 
 
@@ -78,6 +168,8 @@ def read_run_checkpoint(run_dir: Path, prefer: str = "best") -> tuple[Path, dict
     for path in found:
         try:
             state = read_checkpoint(path)
+        except CheckpointRefusedError:
+            raise
         except CheckpointError as err:
             log.warning("%s; trying the next newest checkpoint", err)
             errors.append(str(err))
@@ -138,7 +230,7 @@ def load_model(source: str | Path, device: str | torch.device = "cpu", prefer: s
     except RuntimeError as err:
         raise CheckpointError(f"{path}: weights do not fit the stored config: {err}") from err
     model.to(device).eval()
-    meta = {k: state.get(k) for k in ("epoch", "step", "val_loss", "data_fingerprint", "git_commit")}
+    meta = {k: state.get(k) for k in ("epoch", "step", "val_loss", "data_fingerprint", "git_commit", "data_changes")}
     return LoadedModel(model, config, ConditionNormalizer.from_dict(state["normalizer"]), components, path, meta)
 
 

@@ -170,6 +170,8 @@ def train_command(
     device: Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda | mps.")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed.")] = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Run directory to continue.")] = None,
+    allow_data_change: Annotated[bool, typer.Option(
+        "--allow-data-change", help="With --resume: go on although the dataset's fingerprint changed (recorded).")] = False,
     max_minutes: Annotated[Optional[float], typer.Option("--max-minutes", help="Stop after this many minutes.")] = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Stop after this many optimiser steps.")] = None,
     output_dir: Annotated[Optional[Path], typer.Option("--output-dir", help="Where run directories go.")] = None,
@@ -187,15 +189,18 @@ def train_command(
     """Train MMVAE+ (with no arguments: the small preset on the built-in synthetic data).
 
     Exit codes: 0 finished (or stopped by --max-steps/--max-minutes), 2 an error that names its cause,
-    130 stopped by SIGINT (Ctrl-C) and 143 by SIGTERM, after a checkpoint that --resume continues from.
+    130 stopped by SIGINT (Ctrl-C) and 143 by SIGTERM, after a checkpoint that --resume continues from
+    (or, while the data loads, before anything was trained).
     """
     if devices > 1 and "WORLD_SIZE" not in os.environ:
         _relaunch_with_torchrun(devices)
     from epure.checkpoint import CheckpointError
     from epure.sample import progress_images
     from epure.tracking import make_tracker
-    from epure.train import TrainingError, train
+    from epure.train import LoadInterrupted, TrainingError, train
 
+    if allow_data_change and resume is None:
+        fail("--allow-data-change only applies with --resume RUN_DIR")
     if resume is not None and config is None and (resume / "config.yaml").is_file():
         config = resume / "config.yaml"  # options not given keep the run's values, not the small preset's
     try:
@@ -210,10 +215,17 @@ def train_command(
     tracker = make_tracker(cfg.wandb)
     exit_code = 1
     try:
-        result = train(cfg, resume=resume, tracker=tracker, images_fn=_images_fn(progress_images))
+        result = train(cfg, resume=resume, tracker=tracker, images_fn=_images_fn(progress_images),
+                       allow_data_change=allow_data_change)
         exit_code = 0 if result.status != "interrupted" else 130 if result.signal_name == "SIGINT" else 143
     except (ConfigError, DatasetError, CheckpointError, TrainingError) as err:
         fail(str(err))
+    except LoadInterrupted as stop:  # nothing to save: no step was taken, no run directory made or changed
+        exit_code = 130 if stop.signal_name == "SIGINT" else 143
+        console.print(f"[bold red]{stop.signal_name} received while loading the data:[/] stopped; nothing was "
+                      "trained yet" + (f" and {resume} is unchanged" if resume else " and no run directory was made"),
+                      soft_wrap=True)
+        raise typer.Exit(exit_code)
     except KeyboardInterrupt:  # a second Ctrl-C: stop now, the last checkpoint written is what --resume uses
         exit_code = 130
         tracker.mark_preempting()

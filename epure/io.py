@@ -34,6 +34,24 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         pass
 
 
+def claim_dir(base: Path) -> Path:
+    """Create ``base`` (or ``base_1``, ``base_2``, ...: the first name free) and return it.
+
+    ``mkdir`` fails on a name that exists, so processes that want the same name at the same moment (two runs
+    started in the same second, two sweep agents) always end up in different folders; checking ``exists()``
+    first would leave a gap between the check and the ``mkdir`` for another process to fall into.
+    """
+    base = Path(base)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    candidate, n = base, 1
+    while True:
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            candidate, n = base.with_name(f"{base.name}_{n}"), n + 1
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 

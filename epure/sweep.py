@@ -42,7 +42,7 @@ from rich.table import Table
 
 from epure.config import Config, ConfigError, dotted_keys, load_config
 from epure.data import DataBundle, load_data
-from epure.io import atomic_write_text
+from epure.io import atomic_write_text, claim_dir
 from epure.tracking import NullTracker, WandbTracker, quiet_settings, make_tracker, resolve_mode
 from epure.train import TrainingError, select_device, train
 
@@ -426,7 +426,8 @@ class _TrialRunner:
 
     def __init__(self, spec: SweepSpec, mode: str, label: str, project: str | None, entity: str | None):
         self.spec, self.mode, self.label = spec, mode, label
-        self.folder = Path(spec.base.train.output_dir) / "sweeps" / label
+        # claimed atomically: a second agent of the same sweep on this machine gets <label>_1, not the same CSV
+        self.folder = claim_dir(Path(spec.base.train.output_dir) / "sweeps" / label)
         self.fixed: dict[str, Any] = {"train.output_dir": str(self.folder), "wandb.mode": mode,
                                       "wandb.group": label, "wandb.tags": [*spec.base.wandb.tags, "sweep"]}
         self.fixed.update({k: v for k, v in {"wandb.project": project, "wandb.entity": entity}.items() if v})

@@ -352,13 +352,16 @@ def _download(artifact: Any, folder: Path, name: str) -> None:
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     log.info("downloading %s into %s", artifact.qualified_name, folder)
-    artifact.download(root=str(partial), skip_cache=True)
-    if not list((partial / "checkpoints").glob("*.pt")):
+    try:
+        artifact.download(root=str(partial), skip_cache=True)
+        if not list((partial / "checkpoints").glob("*.pt")):
+            raise ArtifactError(f"{artifact.qualified_name} is not an epure model artifact (no checkpoints/*.pt)")
+        atomic_write_json(partial / ARTIFACT_INFO, {
+            "qualified_name": artifact.qualified_name, "entity": artifact.entity, "project": artifact.project,
+            "name": name, "version": artifact.version, "digest": artifact.digest, "metadata": artifact.metadata})
+    except BaseException:  # a failed or interrupted download leaves nothing in the cache
         shutil.rmtree(partial, ignore_errors=True)
-        raise ArtifactError(f"{artifact.qualified_name} is not an epure model artifact (no checkpoints/*.pt)")
-    atomic_write_json(partial / ARTIFACT_INFO, {
-        "qualified_name": artifact.qualified_name, "entity": artifact.entity, "project": artifact.project,
-        "name": name, "version": artifact.version, "digest": artifact.digest, "metadata": artifact.metadata})
+        raise
     try:
         partial.rename(folder)
     except OSError:  # another process finished the same download first

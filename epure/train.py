@@ -7,6 +7,7 @@ state restored, the same noise as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
@@ -26,11 +27,11 @@ from torch import nn
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from epure import distributed
-from epure.checkpoint import (CheckpointError, LoadedModel, git_commit, read_run_checkpoint, save_checkpoint,
-                              set_aside_damaged)
+from epure.checkpoint import (CheckpointError, LoadedModel, git_commit, numpy_rng_state, read_run_checkpoint,
+                              save_checkpoint, set_aside_damaged, set_numpy_rng_state)
 from epure.config import Config, TrainConfig, config_from_dict, save_config
 from epure.data import DataBundle, load_data
-from epure.io import atomic_write_json, atomic_write_text
+from epure.io import atomic_write_json, atomic_write_text, claim_dir
 from epure.model import MMVAEPlus, build_model, forward_objective
 from epure.tracking import NullTracker
 
@@ -39,6 +40,18 @@ log = logging.getLogger(__name__)
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss kept being NaN); the message names the step and the batch."""
+
+
+class LoadInterrupted(BaseException):
+    """SIGINT or SIGTERM while the data loads: nothing was trained yet, so the run stops at once.
+
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` on the way mistakes it for bad data,
+    and every ``except BaseException`` cleanup on the way (temporary files, half-built folders) runs.
+    """
+
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal_name = signal_name
 
 
 @dataclass
@@ -69,13 +82,50 @@ def select_device(name: str) -> torch.device:
 
 
 def new_run_dir(output_dir: str | Path) -> Path:
-    """``OUTPUT/mmvaeplus/YYYY-MM-DD_HH-MM-SS`` (a suffix keeps two runs in the same second apart)."""
-    base = Path(output_dir) / "mmvaeplus" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    candidate, n = base, 1
-    while candidate.exists():
-        candidate, n = base.with_name(f"{base.name}_{n}"), n + 1
-    candidate.mkdir(parents=True)
-    return candidate
+    """``OUTPUT/mmvaeplus/YYYY-MM-DD_HH-MM-SS``, claimed atomically (``_1``, ``_2``... for runs in the same second)."""
+    return claim_dir(Path(output_dir) / "mmvaeplus" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
+
+
+@contextlib.contextmanager
+def interruptible_loading():
+    """While the data loads, the first SIGINT/SIGTERM raises ``LoadInterrupted`` (later ones are ignored, so the
+    cleanup it triggers is not cut short); the loaders' temporaries are removed on the way out."""
+    raised = False
+
+    def handle(signum: int, frame: Any) -> None:
+        nonlocal raised
+        if not raised:
+            raised = True
+            raise LoadInterrupted(signal.Signals(signum).name)
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, handle)
+        except ValueError:  # not the main thread: signals stay with the caller
+            pass
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def data_changes_on_resume(path: Path, state: dict[str, Any], data: DataBundle, allow: bool) -> list[dict[str, Any]]:
+    """The run's record of dataset changes, refusing a resume on data other than the checkpoint's unless allowed."""
+    changes = list(state.get("data_changes") or [])
+    stored = state.get("data_fingerprint")
+    if stored is None or stored == data.fingerprint:
+        return changes
+    message = (f"{path}: the dataset changed since this run was trained: the checkpoint's data fingerprint is "
+               f"{stored}, the data at {data.root} now gives {data.fingerprint} (a file was added, removed, "
+               "modified or touched, the folder moved, or a data setting changed)")
+    if not allow:
+        raise TrainingError(f"{message}. Resume on the original data, or pass --allow-data-change to go on with "
+                            "this data (the change is recorded in the run)")
+    log.warning("%s; going on because of --allow-data-change: recorded in the checkpoints (data_changes) and in "
+                "the W&B summary", message)
+    return changes + [{"step": int(state["step"]), "previous": stored, "current": data.fingerprint}]
 
 
 class StopFlag:
@@ -105,7 +155,7 @@ class StopFlag:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -113,7 +163,7 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    set_numpy_rng_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -211,12 +261,13 @@ def preflight(output_dir: Path, model: MMVAEPlus) -> None:
 
 
 def train(cfg: Config, *, resume: str | Path | None = None, data: DataBundle | None = None, tracker=None,
-          images_fn=None) -> TrainResult:
+          images_fn=None, allow_data_change: bool = False) -> TrainResult:
     """Train (or resume) a model; returns where the run lives and how it ended.
 
     ``images_fn(loaded_model, data) -> {name: PIL.Image}`` makes the pictures logged every
     ``wandb.images_every_epochs`` epochs; ``tracker`` receives metrics, pictures and checkpoints.
     Under torchrun every process calls this; rank 0 alone writes files and talks to the tracker.
+    A resumed run refuses data whose fingerprint differs from its checkpoint's unless ``allow_data_change``.
     """
     resume_state = None
     if resume is not None:
@@ -235,7 +286,11 @@ def train(cfg: Config, *, resume: str | Path | None = None, data: DataBundle | N
     tracker = (tracker or NullTracker()) if ctx.is_main else NullTracker()
     torch.manual_seed(tc.seed)  # the same on every rank: identical initial weights and noise streams
     np.random.seed(tc.seed)
-    data = data or load_data(cfg.data, seed=tc.seed)
+    if data is None:
+        with interruptible_loading():
+            data = load_data(cfg.data, seed=tc.seed)
+    data_changes = [] if resume_state is None else data_changes_on_resume(resume_path, resume_state, data,
+                                                                          allow_data_change)
     normalizer = data.normalizer
     model = build_model(cfg.model, cfg.data.components, cfg.data.image_size).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, amsgrad=tc.amsgrad)
@@ -290,7 +345,7 @@ def train(cfg: Config, *, resume: str | Path | None = None, data: DataBundle | N
                 "components": list(cfg.data.components), "normalizer": normalizer.to_dict(),
                 "epoch": next_epoch, "batch_in_epoch": next_batch, "step": step, "val_loss": val_loss,
                 "best_val_loss": best_val, "schedule_progress": progress_now, "rng": rng_state(),
-                "data_fingerprint": data.fingerprint, "git_commit": commit}
+                "data_fingerprint": data.fingerprint, "data_changes": data_changes, "git_commit": commit}
 
     def save(name: str, state: dict[str, Any]) -> None:
         if not ctx.is_main:
@@ -415,6 +470,6 @@ def train(cfg: Config, *, resume: str | Path | None = None, data: DataBundle | N
     if status == "interrupted":
         tracker.mark_preempting()
     tracker.summary({"best_val_loss": best_val, "last_val_loss": last_val, "skipped_steps": skipped,
-                     "status": status})
+                     "status": status, **({"data_changes": data_changes} if data_changes else {})})
     distributed.stop(ctx)
     return TrainResult(run_dir, status, epoch, step, best_val, last_val, skipped, stop.signal_name)

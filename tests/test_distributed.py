@@ -40,8 +40,8 @@ def test_two_processes_match_one_process_with_the_combined_batch(tmp_path) -> No
     assert sorted(p.name for p in (runs[0] / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
     assert len(list((tmp_path / "wandb" / "wandb").glob("offline-run-*"))) == 1  # one W&B run
 
-    ddp_state = torch.load(runs[0] / "checkpoints" / "last.pt", weights_only=False)
-    one_state = torch.load(single.run_dir / "checkpoints" / "last.pt", weights_only=False)
+    ddp_state = torch.load(runs[0] / "checkpoints" / "last.pt", weights_only=True)
+    one_state = torch.load(single.run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert ddp_state["step"] == one_state["step"] == 2
     # Same data, same noise, gradients averaged over ranks: only the float summation order differs
     # (tolerance: 1e-4 relative, 1e-6 absolute, after two Adam steps of lr 2e-3).

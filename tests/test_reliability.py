@@ -61,7 +61,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Reference:
 
 
 def weights(run_dir: Path, name: str = "last.pt") -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "checkpoints" / name, weights_only=False)["model"]
+    return torch.load(run_dir / "checkpoints" / name, weights_only=True)["model"]
 
 
 def assert_same_weights(run_dir: Path, reference: Reference) -> None:
@@ -118,7 +118,7 @@ def test_sigterm_checkpoints_marks_wandb_preempted_and_resume_equals_uninterrupt
     log_text = log_path.read_text()
     assert "SIGTERM received" in log_text and f"epure train --resume {run_dir}" in log_text.replace("\n", "")
 
-    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert 2 <= state["step"] < STEPS  # the step under way finished and was checkpointed
     run = OfflineRun(find_run_file(tmp_path / "WANDB_DIR"))
     assert run.preempting and run.exit_code == 143
@@ -170,7 +170,7 @@ def test_sigint_finishes_the_step_and_exits_130(reference: Reference, tmp_path: 
     assert result.exit_code == 130, result.output
     assert tracker.preempted and tracker.exit_code == 130
     (run_dir,) = (tmp_path / "outputs" / "mmvaeplus").iterdir()
-    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["step"] == 4
+    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["step"] == 4
     assert "SIGINT received" in result.output and "epure train --resume" in result.output
 
 

@@ -100,7 +100,7 @@ def test_training_run_records_config_losses_images_and_model(trained: Trained) -
     assert model.name == info["artifact"] == f"model-{info['id']}"
     assert {"latest", "best", "epoch-1"} <= set(model.aliases)
     assert sorted(model.manifest_paths) == RUN_FILES
-    stored = torch.load(result.run_dir / "checkpoints" / "last.pt", weights_only=False)
+    stored = torch.load(result.run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert model.metadata["epoch"] == 1 and model.metadata["val_loss"] == pytest.approx(result.last_val_loss)
     assert model.metadata["data_fingerprint"] == stored["data_fingerprint"]
     assert "git_commit" in model.metadata and model.metadata["run_dir"] == str(result.run_dir)
@@ -308,7 +308,7 @@ def test_model_versions_are_rate_limited_and_held_back_ones_logged_at_finish(tmp
     assert logged == [(1, ["best", "epoch-1", "latest"]), (2, ["best", "epoch-2", "latest"]),
                       (4, ["epoch-4", "latest"])]  # epoch 3 was superseded before it was due
     entry = next(e for e in run.artifacts[1].record.manifest.contents if e.path == "checkpoints/last.pt")
-    weights = torch.load(entry.local_path, weights_only=False)
+    weights = torch.load(entry.local_path, weights_only=True)
     assert weights["model"]["w"].tolist() == [2.0, 2.0] and "optimizer" not in weights
     assert run.artifacts[2].metadata["val_loss"] is None  # NaN is not JSON
     assert run.preempting and run.exit_code == 143

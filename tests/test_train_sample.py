@@ -70,8 +70,8 @@ def test_checkpoint_round_trip_reproduces_outputs(dataset, tmp_path) -> None:
 
 
 def assert_same_weights(run_a, run_b) -> None:
-    a = torch.load(run_a / "checkpoints" / "last.pt", weights_only=False)["model"]
-    b = torch.load(run_b / "checkpoints" / "last.pt", weights_only=False)["model"]
+    a = torch.load(run_a / "checkpoints" / "last.pt", weights_only=True)["model"]
+    b = torch.load(run_b / "checkpoints" / "last.pt", weights_only=True)["model"]
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
 
@@ -119,7 +119,7 @@ def test_cosine_schedule_decays_over_the_budget(dataset, tmp_path) -> None:
     assert scheduled_lr(cfg.updated({"train.lr_schedule": "constant"}).train, 0.9) == lr
     # the 6th (last) update of a 6-step budget is taken at 5/6 of the schedule
     result = train(cfg)
-    state = torch.load(result.run_dir / "checkpoints" / "last.pt", weights_only=False)
+    state = torch.load(result.run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(scheduled_lr(cfg.train, 5 / 6))
     assert state["schedule_progress"] == pytest.approx(5 / 6)
     # time budgets: the larger fraction counts; a resumed run spends its new minutes on what was left

@@ -3,6 +3,11 @@
 Layout (the users' own): ``ROOT/{train,test}/{component}/{prefix}_{component}.png`` and a CSV
 (``ROOT/dimensions.csv``) with an id column, condition columns and a boolean split column. A split is held as
 one uint8 array ``images[N, M, H, W]`` plus ``conditions[N, C]`` (raw pixels, float32) and the ids.
+
+Masks are read as 0/255 grayscale. A component whose images never exceed 1 holds 0/1 masks (what saving a
+numpy 0/1 array as PNG gives): it is scaled to 0/255, with one log line saying so, instead of being read as an
+almost black image. An all-black image fits both conventions and decides nothing. A component that mixes
+0/1 images with 0/255 ones is an error that names a few files of each kind.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,7 +33,9 @@ from epure.io import atomic_write
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "test")
-CACHE_FORMAT = 1
+FINGERPRINT_FORMAT = 1  # part of every run's data fingerprint: changing it makes every --resume see new data
+CACHE_FORMAT = 2  # how a cached array was decoded (2: 0/1 masks scaled to 0/255); part of the cache file's name
+EXAMPLES = 3  # file names shown per kind in an error
 
 
 class DatasetError(ValueError):
@@ -160,7 +168,7 @@ def _fingerprint(root: Path, split: str, cfg: DataConfig, dirs: dict[str, Path],
     digest = hashlib.sha256()
     layout = {k: getattr(cfg, k) for k in ("components", "filename_pattern", "id_column", "condition_columns",
                                            "split_column", "image_size")}
-    digest.update(json.dumps([CACHE_FORMAT, str(root.resolve()), split, layout], sort_keys=True).encode())
+    digest.update(json.dumps([FINGERPRINT_FORMAT, str(root.resolve()), split, layout], sort_keys=True).encode())
     for path in [csv_path]:
         st = path.stat()
         digest.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
@@ -185,7 +193,9 @@ def _decode(path: Path, expected: tuple[int, int]) -> np.ndarray:
     return array
 
 
-def _decode_split(root: Path, split: str, cfg: DataConfig, ids: list[str], dirs: dict[str, Path]) -> np.ndarray:
+def _decode_split(root: Path, split: str, cfg: DataConfig, ids: list[str],
+                  dirs: dict[str, Path]) -> tuple[np.ndarray, list[str]]:
+    """The split's images [N, M, H, W] (0/1 components scaled to 0/255) and the names of those components."""
     expected = (cfg.image_size[0], cfg.image_size[1])
     paths = []
     for component, folder in dirs.items():
@@ -205,7 +215,35 @@ def _decode_split(root: Path, split: str, cfg: DataConfig, ids: list[str], dirs:
 
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
         list(pool.map(work, flat, chunksize=256))
-    return images
+    return images, _scale_binary_masks(images, list(dirs), paths)
+
+
+def _scale_binary_masks(images: np.ndarray, components: list[str], paths: list[list[Path]]) -> list[str]:
+    """Scale (in place) each component whose images all peak at 1 or 0 to 0/255; return those components.
+
+    ``paths[m][i]`` is the file of ``images[i, m]``, for the error when a component mixes the two kinds.
+    """
+    peaks = images.max(axis=(2, 3))  # [N, M]; 0 is an all-black image, which fits either kind
+    scaled = []
+    for m, component in enumerate(components):
+        binary, full = np.flatnonzero(peaks[:, m] == 1), np.flatnonzero(peaks[:, m] > 1)
+        if len(binary) and len(full):
+            binary_files = [paths[m][i].name for i in binary[:EXAMPLES]]
+            full_files = [paths[m][i].name for i in full[:EXAMPLES]]
+            raise DatasetError(
+                f"{paths[m][0].parent}: component '{component}' mixes 0/1 masks ({len(binary)} images whose "
+                f"brightest pixel is 1, e.g. {binary_files}) with 0/255 masks ({len(full)} images, e.g. "
+                f"{full_files}); write every mask of a component the same way (0/255 is the usual)")
+        if len(binary):
+            images[:, m] *= 255
+            scaled.append(component)
+    return scaled
+
+
+def _report_scaled(folder: Path, split: str, components: list[str]) -> None:
+    for component in components:
+        log.info("%s/%s/%s: every mask's pixels are 0 or 1: read as 0/1 masks and scaled to 0/255",
+                 folder, split, component)
 
 
 def load_split(root: str | Path, split: str, cfg: DataConfig, use_cache: bool = True) -> Split:
@@ -226,23 +264,28 @@ def load_split(root: str | Path, split: str, cfg: DataConfig, use_cache: bool = 
                            f"{split == 'train'})")
     dirs = _component_dirs(root, split, cfg)
     key = _fingerprint(root, split, cfg, dirs, csv_path)
-    cache_file = cache_root() / "datasets" / f"{split}-{key}.npz"
+    cache_file = cache_root() / "datasets" / f"{split}-{key}-v{CACHE_FORMAT}.npz"
     ids = rows[cfg.id_column].astype(str).to_numpy()
     conditions = rows[cfg.condition_columns].to_numpy(dtype=np.float32)
     if use_cache and cache_file.is_file():
         try:
             with np.load(cache_file, allow_pickle=False) as cached:
-                images = cached["images"]
+                images, scaled = cached["images"], [str(c) for c in cached["scaled"]]
             if images.shape[0] == len(ids):
+                _report_scaled(root, split, scaled)
                 return Split(images, conditions, ids, list(cfg.components), list(cfg.condition_columns), key)
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             log.warning("dataset cache %s is unreadable; decoding the images again", cache_file)
-    images = _decode_split(root, split, cfg, list(ids), dirs)
-    if use_cache:
-        atomic_write(cache_file, lambda tmp: _save_npz(tmp, images))
+    images, scaled = _decode_split(root, split, cfg, list(ids), dirs)
+    _report_scaled(root, split, scaled)
+    if use_cache:  # concurrent loads of one dataset each write a whole file and rename it: the last one stays
+        atomic_write(cache_file, lambda tmp: _save_npz(tmp, images, scaled))
     return Split(images, conditions, ids, list(cfg.components), list(cfg.condition_columns), key)
 
 
-def _save_npz(path: Path, images: np.ndarray) -> None:
+def _save_npz(path: Path, images: np.ndarray, scaled: list[str]) -> None:
     with open(path, "wb") as handle:
-        np.savez(handle, images=images)
+        np.savez(handle, images=images, scaled=np.array(scaled, dtype=str))
+    pause = float(os.environ.get("EPURE_TEST_PAUSE_CACHE_WRITE", "0") or 0)
+    if pause:  # tests only: holds the half-written cache in place, so a signal can be sent right then
+        time.sleep(pause)

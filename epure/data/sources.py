@@ -1,7 +1,9 @@
 """Where a dataset comes from: a folder of the user's, the built-in synthetic set, or the public toy set.
 
 ``data.root`` may name a folder, ``builtin:synthetic`` (also what an empty root means) or ``builtin:toy``.
-Built-in sets are materialised once into the cache and reused.
+Built-in sets are materialised once into the cache and reused. Each is built in a folder of its own process
+and renamed into place, so processes that materialise the same set at the same time never see half of it:
+the first rename wins, and the others drop their copy and use the winner's (the same files).
 """
 
 from __future__ import annotations
@@ -45,9 +47,11 @@ def synthetic_root(n: int, seed: int) -> Path:
     folder = cache_root() / "builtin" / f"synthetic-n{n}-seed{seed}"
     if not (folder / "dimensions.csv").is_file():
         log.info("generating the built-in synthetic dataset (%d designs) into %s", n, folder)
-        if folder.exists():  # an interrupted earlier attempt
-            shutil.rmtree(folder)
-        write_synthetic_dataset(folder, n=n, seed=seed)
+        try:
+            write_synthetic_dataset(folder, n=n, seed=seed)
+        except OSError:  # FileExistsError, or the final rename refused: another process got there first
+            if not (folder / "dimensions.csv").is_file():
+                raise
     return folder
 
 
@@ -76,12 +80,21 @@ def toy_root() -> Path:
         raise DatasetError(f"{archive}: sha256 {digest} does not match the published {TOY_ARCHIVE_SHA256}")
     tmp = folder.parent / f".toy.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     log.info("unpacking %s into %s", archive, folder)
-    with tarfile.open(archive) as tar:
-        tar.extractall(tmp, filter="data")
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    try:
+        tmp.mkdir(parents=True)
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data")
+        try:
+            os.rename(tmp, folder)  # replaces an empty folder only
+        except OSError:
+            if not (folder / "toy_epure" / "dimensions.csv").is_file():
+                raise DatasetError(f"{folder}: exists but is not a complete copy of the toy set; remove it and "
+                                   "run again") from None
+            shutil.rmtree(tmp)  # another process unpacked it first
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return folder / "toy_epure"
 
 
