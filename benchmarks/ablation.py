@@ -58,7 +58,7 @@ def main() -> None:
     results = {}
     for name, overrides in parse_variants(args.variant).items():
         cfg = base.updated(overrides)
-        data = load_data(cfg.data, seed=cfg.train.seed)
+        data = load_data(cfg.data)
         start = time.perf_counter()
         run = train(cfg, data=data)
         minutes = (time.perf_counter() - start) / 60

@@ -205,6 +205,7 @@ class LoadedModel:
     components: list[str]
     path: Path
     meta: dict[str, Any] = field(default_factory=dict)
+    train_conditions: np.ndarray | None = None  # the train split's raw condition rows [N, C]; None in older files
 
     @property
     def run_name(self) -> str:
@@ -231,7 +232,9 @@ def load_model(source: str | Path, device: str | torch.device = "cpu", prefer: s
         raise CheckpointError(f"{path}: weights do not fit the stored config: {err}") from err
     model.to(device).eval()
     meta = {k: state.get(k) for k in ("epoch", "step", "val_loss", "data_fingerprint", "git_commit", "data_changes")}
-    return LoadedModel(model, config, ConditionNormalizer.from_dict(state["normalizer"]), components, path, meta)
+    rows = state.get("train_conditions")
+    rows = None if rows is None else torch.as_tensor(rows, dtype=torch.float32).numpy()
+    return LoadedModel(model, config, ConditionNormalizer.from_dict(state["normalizer"]), components, path, meta, rows)
 
 
 def git_commit() -> str | None:

@@ -285,13 +285,19 @@ def sample_command(
     entity: Annotated[Optional[str], typer.Option("--entity", help="W&B entity of a NAME:ALIAS artifact.")] = None,
     mode: Annotated[str, typer.Option("--mode", help="unconditional | inpainting.")] = "unconditional",
     num_samples: Annotated[int, typer.Option("--num_samples", "--num-samples", help="Unconditional samples.")] = 16,
-    width: Annotated[Optional[float], typer.Option("--width", help="Requested width_px for every sample.")] = None,
-    height: Annotated[Optional[float], typer.Option("--height", help="Requested height_px for every sample.")] = None,
+    condition: Annotated[Optional[list[str]], typer.Option(
+        "--condition", help="NAME=VALUE: hold a condition column at VALUE for every sample (repeatable); the other "
+                            "columns come from the training rows nearest to it.")] = None,
+    width: Annotated[Optional[float], typer.Option("--width", help="Short for --condition width_px=VALUE.")] = None,
+    height: Annotated[Optional[float], typer.Option("--height", help="Short for --condition height_px=VALUE.")] = None,
     conditions: Annotated[Optional[Path], typer.Option("--conditions", help="CSV: one sample per row, named by its id.")] = None,
     components: ComponentsOption = None,
     joint: Annotated[bool, typer.Option("--joint", help="Condition on the named components together.")] = False,
     joint_rule: Annotated[str, typer.Option("--joint-rule", help="mixture | product of the observed posteriors.")] = "mixture",
     mean: Annotated[bool, typer.Option("--mean", help="Use posterior means instead of samples (inpainting).")] = False,
+    cross_prior: Annotated[Optional[str], typer.Option(
+        "--cross-prior", help="prior | aux: unobserved components' private latents from p(w) or r(w) "
+                              "(inpainting; default: the model's model.cross_prior).")] = None,
     binary: Annotated[bool, typer.Option("--binary", help="Threshold masks at 0.5.")] = False,
     data: Annotated[Optional[str], typer.Option("--data", help="Dataset to complete (default: the training one).")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Complete only the first N test examples.")] = None,
@@ -308,6 +314,8 @@ def sample_command(
 
     if (checkpoint is None) == (artifact is None):
         fail("give either --checkpoint RUN_DIR_OR_FILE or --artifact ENTITY/PROJECT/NAME:ALIAS")
+    if cross_prior not in (None, "prior", "aux"):
+        fail(f"--cross-prior must be prior or aux, got {cross_prior!r}")
     try:
         source = tracking.resolve_artifact(artifact, project, entity) if artifact else checkpoint
         loaded = load_model(source, select_device(device))
@@ -317,7 +325,9 @@ def sample_command(
             run_name = f"{Path(info['metadata'].get('run_dir') or info['name']).name}-{info['version']}"
         out_dir = out or Path("samples") / "mmvaeplus" / run_name
         if mode == "unconditional":
-            raw, ids = sampling.unconditional_requests(loaded, num_samples, width, height, conditions, seed)
+            fixed = sampling.fixed_conditions(condition or [], {"width": ("width_px", width),
+                                                                "height": ("height_px", height)})
+            raw, ids = sampling.unconditional_requests(loaded, num_samples, fixed, conditions, seed)
             report = sampling.write_unconditional(loaded, out_dir, raw, ids, binary, batch_size, seed)
         elif mode == "inpainting":
             if not components:
@@ -325,7 +335,8 @@ def sample_command(
             split = sampling.completion_split(loaded, data, limit)
             sets = [list(components)] if joint else [[c] for c in components]
             report = sampling.write_completions(loaded, out_dir, split.images, split.conditions, list(split.ids),
-                                                sets, binary, joint_rule, mean, batch_size, seed)
+                                                sets, binary, joint_rule, mean, batch_size, seed,
+                                                cross_prior=cross_prior)
         else:
             fail(f"--mode must be unconditional or inpainting, got {mode!r}")
     except (CheckpointError, DatasetError, ConfigError, TrainingError, sampling.SamplingError,
@@ -350,6 +361,9 @@ def evaluate_command(
     subsets: Annotated[bool, typer.Option("--subsets", help="Also condition on every subset of >= 2 components.")] = False,
     joint_rule: Annotated[str, typer.Option("--joint-rule", help="mixture | product, for --subsets.")] = "mixture",
     mean: Annotated[bool, typer.Option("--mean", help="Posterior means instead of samples when completing.")] = False,
+    cross_prior: Annotated[Optional[str], typer.Option(
+        "--cross-prior", help="prior | aux: score completions with unobserved private latents from p(w) or r(w) "
+                              "(default: the model's model.cross_prior).")] = None,
     ood: Annotated[bool, typer.Option("--ood", help="Also dimension fidelity just outside the training range.")] = False,
     ood_margin: Annotated[int, typer.Option("--ood-margin", help="How many px beyond the training range, for --ood.")] = 6,
     bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples for standard deviations (0: none).")] = 200,
@@ -368,8 +382,8 @@ def evaluate_command(
     if (checkpoint is None) == (artifact is None):
         fail("give either --checkpoint RUN_DIR_OR_FILE or --artifact ENTITY/PROJECT/NAME:ALIAS")
     options = evaluation.EvaluationOptions(limit=limit, seed=seed, bootstrap=bootstrap, subsets=subsets,
-                                           joint=joint_rule, use_mean=mean, ood=ood, ood_margin=ood_margin,
-                                           batch_size=batch_size)
+                                           joint=joint_rule, use_mean=mean, cross_prior=cross_prior, ood=ood,
+                                           ood_margin=ood_margin, batch_size=batch_size)
     try:
         options.check()
         source = tracking.resolve_artifact(artifact, project, entity) if artifact else checkpoint

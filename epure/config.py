@@ -37,6 +37,7 @@ class DataConfig:
     split_column: str = "train"
     image_size: list[int] = field(default_factory=lambda: [64, 32])  # rows, columns
     val_fraction: float = 0.05  # share of the train split held out for validation
+    val_seed: int = 0  # which designs are held out: fixed apart from train.seed, so every seed validates alike
     synthetic_n: int = 2000  # size of the built-in synthetic dataset
     synthetic_seed: int = 0
 
@@ -56,9 +57,10 @@ class ModelConfig:
     likelihood: str = "bernoulli"  # bernoulli | continuous_bernoulli | normal | laplace
     likelihood_scale: float = 0.75  # fixed scale of the normal / laplace likelihoods
     foreground_weight: float = 1.0  # weight of occupied pixels in the bernoulli likelihood (1: the plain one)
-    objective: str = "elbo"  # elbo | dreg
+    objective: str = "elbo"  # elbo | dreg (both the stratified importance-weighted bound for K > 1)
     beta: float = 2.5
     K: int = 1
+    cross_prior: str = "prior"  # completion: unobserved components' private latents from p(w) (paper) or r_m(w) (aux)
 
 
 @dataclass
@@ -78,7 +80,8 @@ class TrainConfig:
     checkpoint_every_minutes: float = 10.0
     max_steps: int = 0  # 0: no limit
     max_minutes: float = 0.0  # 0: no limit
-    max_nonfinite_steps: int = 20  # consecutive NaN/Inf losses before training stops
+    max_nonfinite_steps: int = 20  # consecutive NaN/Inf losses or gradients before training stops
+    grad_clip: float = 0.0  # clip the total gradient norm to this (0: off)
     output_dir: str = "outputs"
 
 
@@ -207,8 +210,9 @@ def validate(config: Config) -> None:
         raise ConfigError(f"data.image_size must be [rows, columns], each a positive multiple of 8, got {d.image_size}")
     if "{prefix}" not in d.filename_pattern or "{component}" not in d.filename_pattern:
         raise ConfigError(f"data.filename_pattern must contain {{prefix}} and {{component}}, got {d.filename_pattern!r}")
-    if not 0.0 <= d.val_fraction < 1.0:
-        raise ConfigError(f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
+    if not 0.0 < d.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must be in (0, 1): validation needs designs of its own, "
+                          f"got {d.val_fraction}")
     if m.latent_dim_u != m.latent_dim_w + m.latent_dim_z:
         raise ConfigError(
             f"model.latent_dim_u ({m.latent_dim_u}) must equal model.latent_dim_w + model.latent_dim_z "
@@ -227,6 +231,7 @@ def validate(config: Config) -> None:
         "model.priorposterior": (m.priorposterior, ["Laplace", "Normal"]),
         "model.likelihood": (m.likelihood, ["bernoulli", "continuous_bernoulli", "normal", "laplace"]),
         "model.objective": (m.objective, ["elbo", "dreg"]),
+        "model.cross_prior": (m.cross_prior, ["prior", "aux"]),
         "train.device": (t.device, ["auto", "cpu", "cuda", "mps"]),
         "train.lr_schedule": (t.lr_schedule, ["constant", "cosine"]),
         "wandb.mode": (w.mode, ["auto", "online", "offline", "off"]),
@@ -241,6 +246,8 @@ def validate(config: Config) -> None:
                           f"{m.foreground_weight} with model.likelihood {m.likelihood!r}")
     if m.beta < 0 or t.lr <= 0:
         raise ConfigError(f"model.beta must be >= 0 and train.lr > 0, got beta={m.beta}, lr={t.lr}")
+    if t.grad_clip < 0:
+        raise ConfigError(f"train.grad_clip must be >= 0 (0: no clipping), got {t.grad_clip}")
     if not 0.0 <= t.lr_final_fraction <= 1.0:
         raise ConfigError(f"train.lr_final_fraction must be in [0, 1], got {t.lr_final_fraction}")
 

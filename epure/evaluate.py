@@ -45,6 +45,7 @@ PREFIX = "eval"
 # Condition columns that measure_dimensions measures, in its output order, with their short metric names.
 DIMENSIONS = {"width_px": "width", "height_px": "height"}
 JOINT_RULES = ("mixture", "product")
+CROSS_PRIORS = ("prior", "aux")
 RATES = ("union_one_piece", "all_one_piece")  # shares of designs; every other distribution metric is a distance
 
 
@@ -62,6 +63,7 @@ class EvaluationOptions:
     subsets: bool = False  # also condition on every observed subset of size >= 2
     joint: str = "mixture"  # how a subset's posteriors combine (mixture | product)
     use_mean: bool = False  # posterior means instead of samples when completing
+    cross_prior: str | None = None  # unobserved private latents from p(w) (prior) or r(w) (aux); None: the model's
     ood: bool = False  # also measure dimension fidelity just outside the training range
     ood_margin: int = 6  # how many px beyond the training range the out-of-range requests go
     batch_size: int = 200  # larger batches measured no faster on CPU: their big buffers cost page faults
@@ -74,6 +76,8 @@ class EvaluationOptions:
             raise EvaluationError(f"--bootstrap must be >= 0, got {self.bootstrap}")
         if self.joint not in JOINT_RULES:
             raise EvaluationError(f"--joint-rule must be one of {', '.join(JOINT_RULES)}, got {self.joint!r}")
+        if self.cross_prior not in (None, *CROSS_PRIORS):
+            raise EvaluationError(f"--cross-prior must be one of {', '.join(CROSS_PRIORS)}, got {self.cross_prior!r}")
         if self.ood_margin <= 0:
             raise EvaluationError(f"--ood-margin must be positive, got {self.ood_margin}")
         if self.batch_size <= 0:
@@ -178,6 +182,7 @@ def evaluate(loaded: LoadedModel, split: Split, options: EvaluationOptions | Non
     info = {"run": loaded.run_name, "checkpoint": str(loaded.path), "step": loaded.meta.get("step"),
             "epoch": loaded.meta.get("epoch"), "examples": len(split), "data_fingerprint": split.fingerprint,
             "options": dataclasses.asdict(options), "ood_values": ood_values,
+            "cross_prior": options.cross_prior or loaded.config.model.cross_prior,
             "seconds": {k: round(v, 3) for k, v in timings.items()}}
     labels = ["+".join(loaded.components[i] for i in s) for s in observed_sets]
     return EvaluationResult(list(loaded.components), labels, iou_matrix, dice_matrix, uncond, uncond_std, real,
@@ -211,7 +216,7 @@ def conditioned_scores(loaded: LoadedModel, split: Split, observed_sets: list[tu
     dice_sum = np.zeros_like(iou_sum)
     for r, observed in enumerate(observed_sets):
         batches = complete(loaded, split.images, split.conditions, list(observed), options.joint,
-                           options.use_mean, bs, options.seed)
+                           options.use_mean, bs, options.seed, options.cross_prior)
         for start, probs in zip(range(0, n, bs), batches):
             made, real = binarize(probs), truth[start: start + len(probs)]
             iou_sum[r] += iou(made, real).sum(axis=0)
@@ -322,7 +327,7 @@ def write_evaluation(result: EvaluationResult, loaded: LoadedModel, split: Split
     seed = result.info["options"]["seed"]
     atomic_write_json(out, result.to_json())
     completions = out.with_name(f"{out.stem}_completions.png")
-    save_png(cross_matrix_image(loaded, split.images, split.conditions, seed=seed), completions)
+    save_png(cross_matrix_image(loaded, split.images, split.conditions, seed, result.info["cross_prior"]), completions)
     samples = out.with_name(f"{out.stem}_samples.png")
     count = min(8, len(split))
     with torch.inference_mode():
@@ -346,7 +351,9 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 def render_tables(result: EvaluationResult, console: Console) -> None:
     """The observed x generated matrix and a headline table of every other metric."""
-    matrix = Table(title="component-conditioned generation: IoU (Dice); rows observed, columns generated")
+    rule = {"prior": "p(w)", "aux": "r(w)"}.get(result.info.get("cross_prior"), "?")
+    matrix = Table(title=f"component-conditioned generation: IoU (Dice); rows observed, columns generated; "
+                         f"unobserved private latents from {rule}")
     matrix.add_column("observed")
     for target in result.components:
         matrix.add_column(target, justify="right")

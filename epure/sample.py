@@ -75,15 +75,19 @@ def generate(loaded: LoadedModel, raw_conditions: np.ndarray, batch_size: int = 
 
 @torch.no_grad()
 def complete(loaded: LoadedModel, images: np.ndarray, raw_conditions: np.ndarray, observed: list[int],
-             joint: str = "mixture", use_mean: bool = False, batch_size: int = 256,
-             seed: int = 0) -> Iterator[np.ndarray]:
-    """Every component generated from the ``observed`` ones of uint8 designs [N, M, H, W], in batches."""
+             joint: str = "mixture", use_mean: bool = False, batch_size: int = 256, seed: int = 0,
+             cross_prior: str | None = None) -> Iterator[np.ndarray]:
+    """Every component generated from the ``observed`` ones of uint8 designs [N, M, H, W], in batches.
+
+    ``cross_prior`` (``prior`` | ``aux``; None: the model's ``model.cross_prior``): see ``MMVAEPlus.complete``.
+    """
     device = next(loaded.model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     for start in range(0, len(images), batch_size):
         x = torch.from_numpy(images[start: start + batch_size]).to(device).float().div_(255)
         cond = _to_tensor(loaded, raw_conditions[start: start + batch_size])
-        yield loaded.model.complete(x, loaded.model.embed(cond), observed, joint, use_mean, generator).cpu().numpy()
+        yield loaded.model.complete(x, loaded.model.embed(cond), observed, joint, use_mean, generator,
+                                    cross_prior=cross_prior).cpu().numpy()
 
 
 def to_png_array(probs: np.ndarray, binary: bool) -> np.ndarray:
@@ -137,7 +141,7 @@ def write_unconditional(loaded: LoadedModel, out_dir: Path, raw_conditions: np.n
 def write_completions(loaded: LoadedModel, out_dir: Path, images: np.ndarray, raw_conditions: np.ndarray,
                       ids: list[str], observed_sets: list[list[str]], binary: bool = False, joint: str = "mixture",
                       use_mean: bool = False, batch_size: int = 256, seed: int = 0,
-                      grid_count: int = 8) -> SampleReport:
+                      grid_count: int = 8, cross_prior: str | None = None) -> SampleReport:
     """For each observed set, every target component generated from it, one folder per (observed, target)."""
     check_request(len(ids), batch_size)
     check_conditions(loaded, raw_conditions)
@@ -149,7 +153,7 @@ def write_completions(loaded: LoadedModel, out_dir: Path, images: np.ndarray, ra
         for folder in targets.values():
             folder.mkdir(parents=True, exist_ok=True)
         preview_rows: list[list[np.ndarray]] = []
-        batches = complete(loaded, images, raw_conditions, observed, joint, use_mean, batch_size, seed)
+        batches = complete(loaded, images, raw_conditions, observed, joint, use_mean, batch_size, seed, cross_prior)
         for start, batch in zip(range(0, len(ids), batch_size), batches):
             pixels = to_png_array(batch, binary)
             _write_pngs([(targets[c] / f"{ids[start + j]}_{c}.png", design[m])
@@ -163,13 +167,14 @@ def write_completions(loaded: LoadedModel, out_dir: Path, images: np.ndarray, ra
 
 
 def cross_matrix_image(loaded: LoadedModel, images: np.ndarray, raw_conditions: np.ndarray,
-                       seed: int = 0) -> Image.Image:
+                       seed: int = 0, cross_prior: str | None = None) -> Image.Image:
     """For a few examples: row = observed component, column = generated component, ground truth first."""
     rows = []
     for i in range(min(len(images), 4)):
         rows.append([*images[i], composite(images[i])])
         for m in range(len(loaded.components)):
-            (batch,) = complete(loaded, images[i: i + 1], raw_conditions[i: i + 1], [m], seed=seed)
+            (batch,) = complete(loaded, images[i: i + 1], raw_conditions[i: i + 1], [m], seed=seed,
+                                cross_prior=cross_prior)
             rows.append([*batch[0], composite(batch[0] > 0.5)])
     return grid(rows)
 
@@ -184,17 +189,77 @@ def progress_images(loaded: LoadedModel, images: np.ndarray, raw_conditions: np.
             "samples/composites": composites}
 
 
-def unconditional_requests(loaded: LoadedModel, num_samples: int, width: float | None, height: float | None,
+NEAREST_ROWS = 16  # a fixed condition draws the free ones from this many nearest training rows (and ties)
+
+
+def fixed_conditions(pairs: list[str], shortcuts: dict[str, tuple[str, float | None]]) -> dict[str, float]:
+    """``--condition NAME=VALUE`` options (and the ``--width``/``--height`` short forms) -> {column: value}."""
+    fixed: dict[str, float] = {}
+    given = [(f"--condition {pair}", *pair.partition("=")) for pair in pairs]
+    given += [(f"--{option}", column, "=", str(value)) for option, (column, value) in shortcuts.items()
+              if value is not None]
+    for option, name, sep, text in given:
+        try:
+            value = float(text)
+        except ValueError:
+            value = None
+        if not sep or not name or value is None or not np.isfinite(value):
+            raise SamplingError(f"{option}: expected NAME=VALUE with a finite number, e.g. width_px=58")
+        if name in fixed:
+            raise SamplingError(f"{option}: {name} is given twice")
+        fixed[name] = value
+    return fixed
+
+
+def draw_conditions(loaded: LoadedModel, count: int, fixed: dict[str, float], seed: int) -> np.ndarray:
+    """Raw conditions [count, C] for unconditional designs, drawn from the training conditions' joint distribution.
+
+    Each request is a training row drawn at random (the checkpoint stores the train split's condition rows),
+    so width and height keep their correlation. A fixed column conditions the others on it: they come from
+    one of the ``NEAREST_ROWS`` training rows nearest to the fixed values (distance in standard deviations,
+    every row tied with the last one included), and the fixed columns take the requested values.
+    Checkpoints saved before the rows were stored draw each free column independently, with a warning.
+    """
+    norm = loaded.normalizer
+    unknown = [name for name in fixed if name not in norm.columns]
+    if unknown:
+        raise SamplingError(f"unknown condition(s) {unknown}; this model's condition columns are: "
+                            f"{', '.join(norm.columns)}")
+    rng = np.random.default_rng(seed)
+    held = [norm.columns.index(name) for name in fixed]
+    target = np.array(list(fixed.values()), dtype=np.float64)
+    rows = loaded.train_conditions
+    if rows is None:
+        log.warning("%s holds no training conditions (saved by an older epure): each condition is drawn on its own "
+                    "from a normal around the training mean, which loses their correlation; retrain to store them",
+                    loaded.path)
+        drawn = rng.normal(norm.mean, norm.std, (count, len(norm.columns))).round()
+        chosen = np.clip(drawn, norm.low, norm.high)
+    else:
+        pool = np.arange(len(rows))
+        if held:
+            distance = np.linalg.norm((rows[:, held] - target) / np.asarray(norm.std)[held], axis=1)
+            nearest = min(NEAREST_ROWS, len(rows))
+            pool = np.flatnonzero(distance <= np.partition(distance, nearest - 1)[nearest - 1])
+        chosen = rows[rng.choice(pool, count)].astype(np.float64)
+    chosen[:, held] = target
+    return chosen.astype(np.float32)
+
+
+def unconditional_requests(loaded: LoadedModel, num_samples: int, fixed: dict[str, float],
                            conditions_csv: Path | None, seed: int) -> tuple[np.ndarray, list[str]]:
     """Raw conditions and ids for unconditional sampling.
 
-    From a CSV (one sample per row, named by its id column), from ``--width/--height`` for every sample,
-    or drawn from the training conditions' range when neither is given.
+    From a CSV (one sample per row, named by its id column), else ``num_samples`` requests from
+    ``draw_conditions`` with the ``fixed`` columns (``--condition NAME=VALUE``) held at their values.
     """
     import pandas as pd
 
     norm = loaded.normalizer
     if conditions_csv is not None:
+        if fixed:
+            raise SamplingError(f"--conditions {conditions_csv} gives every condition of every sample; leave out "
+                                f"--condition/--width/--height (given: {', '.join(fixed)})")
         try:
             table = pd.read_csv(conditions_csv)
         except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
@@ -213,17 +278,7 @@ def unconditional_requests(loaded: LoadedModel, num_samples: int, width: float |
         return raw, table[id_column].astype(str).tolist()
     if num_samples <= 0:
         raise SamplingError(f"--num_samples must be positive, got {num_samples}")
-    rng = np.random.default_rng(seed)
-    given = {"width_px": width, "height_px": height}
-    columns = []
-    for i, column in enumerate(norm.columns):
-        value = given.get(column)
-        if value is not None:
-            columns.append(np.full(num_samples, value, np.float32))
-        else:  # a plausible spread around the training distribution, kept inside its range
-            drawn = rng.normal(norm.mean[i], norm.std[i], num_samples).round()
-            columns.append(np.clip(drawn, norm.low[i], norm.high[i]).astype(np.float32))
-    return np.stack(columns, axis=1), [f"sample_{i:05d}" for i in range(num_samples)]
+    return draw_conditions(loaded, num_samples, fixed, seed), [f"sample_{i:05d}" for i in range(num_samples)]
 
 
 def completion_split(loaded: LoadedModel, data_root: str | None, limit: int | None):

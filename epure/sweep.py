@@ -488,10 +488,10 @@ class _TrialRunner:
         return trial
 
     def _load_data(self, cfg: Config) -> DataBundle:
-        """The data is loaded once and kept while trials use the same data settings and seed."""
-        key = json.dumps([cfg.to_dict()["data"], cfg.train.seed], sort_keys=True)
+        """The data is loaded once and kept while trials use the same data settings (data.val_seed included)."""
+        key = json.dumps(cfg.to_dict()["data"], sort_keys=True)
         if key != self._data_key or self._data is None:
-            self._data, self._data_key = load_data(cfg.data, seed=cfg.train.seed), key
+            self._data, self._data_key = load_data(cfg.data), key
         return self._data
 
     def _score(self, source: Path, cfg: Config, data: DataBundle) -> dict[str, float]:

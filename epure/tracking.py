@@ -37,7 +37,7 @@ RUN_INFO = "wandb_run.json"  # in a run directory: which W&B run (and artifact c
 ARTIFACT_INFO = "artifact.json"  # in a downloaded artifact folder: what it is; written last, marks it complete
 RUN_FILES = ("config.yaml", "normalization.json", "components.json")
 SAMPLING_KEYS = ("model", "config", "components", "normalizer", "epoch", "step", "val_loss", "data_fingerprint",
-                 "git_commit")
+                 "git_commit", "train_conditions")
 ARTIFACT_EVERY_MINUTES = 10.0
 _PINNED_VERSION = re.compile(r"v\d+")
 

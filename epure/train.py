@@ -288,7 +288,7 @@ def train(cfg: Config, *, resume: str | Path | None = None, data: DataBundle | N
     np.random.seed(tc.seed)
     if data is None:
         with interruptible_loading():
-            data = load_data(cfg.data, seed=tc.seed)
+            data = load_data(cfg.data)
     data_changes = [] if resume_state is None else data_changes_on_resume(resume_path, resume_state, data,
                                                                           allow_data_change)
     normalizer = data.normalizer
@@ -345,7 +345,8 @@ def train(cfg: Config, *, resume: str | Path | None = None, data: DataBundle | N
                 "components": list(cfg.data.components), "normalizer": normalizer.to_dict(),
                 "epoch": next_epoch, "batch_in_epoch": next_batch, "step": step, "val_loss": val_loss,
                 "best_val_loss": best_val, "schedule_progress": progress_now, "rng": rng_state(),
-                "data_fingerprint": data.fingerprint, "data_changes": data_changes, "git_commit": commit}
+                "data_fingerprint": data.fingerprint, "data_changes": data_changes, "git_commit": commit,
+                "train_conditions": train_conditions}
 
     def save(name: str, state: dict[str, Any]) -> None:
         if not ctx.is_main:
@@ -358,6 +359,8 @@ def train(cfg: Config, *, resume: str | Path | None = None, data: DataBundle | N
                                 f"are intact: make room, then continue with epure train --resume {run_dir}") from err
 
     commit = git_commit()
+    # the train split's raw condition rows (4 bytes per design and column): unconditional sampling draws from them
+    train_conditions = torch.tensor(data.train.conditions, dtype=torch.float32)
     status, skipped, nonfinite_run, last_val, loss = "finished", 0, 0, math.nan, math.nan
     progress_now = start_progress
     start_time = last_ckpt_time = time.monotonic()
@@ -377,28 +380,36 @@ def train(cfg: Config, *, resume: str | Path | None = None, data: DataBundle | N
                 x = train_x[index].float().div_(255)
                 share = (ctx.rank * len(index), len(index) * ctx.world_size) if ctx.enabled else None
                 out = step_module(x, train_c[index], share)
+                optimizer.zero_grad(set_to_none=True)
+                out.loss.backward()
+                # one reduction gives the total gradient norm, clipped to train.grad_clip when that is set
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or math.inf).item()
                 minutes = (time.monotonic() - start_time) / 60
-                # one small reduction per step keeps every rank's decisions (skip, stop) identical
-                loss_sum, stop_votes, over_time, minutes_sum = distributed.sum_across(
-                    ctx, [out.loss.item(), float(stop.signal_name is not None),
+                # one small reduction per step keeps every rank's decisions (skip, stop) identical; a non-finite
+                # loss or gradient norm on any rank makes its sum non-finite on all of them
+                loss_sum, norm_sum, stop_votes, over_time, minutes_sum = distributed.sum_across(
+                    ctx, [out.loss.item(), grad_norm, float(stop.signal_name is not None),
                           float(bool(tc.max_minutes) and minutes >= tc.max_minutes), minutes])
-                loss = loss_sum / ctx.world_size
+                loss, grad_norm = loss_sum / ctx.world_size, norm_sum / ctx.world_size
                 progress_now = budget_progress(step, planned_steps, minutes_sum / ctx.world_size, tc.max_minutes,
                                                start_progress)  # the same on every rank
                 batch_in_epoch += 1
-                if not math.isfinite(loss):
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                    # no optimiser step: a non-finite gradient would poison Adam's moments, then the weights
                     skipped += 1
                     nonfinite_run += 1
                     optimizer.zero_grad(set_to_none=True)
                     ids = data.train.ids[index.cpu().numpy()].tolist()
+                    what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", grad_norm)
                     if nonfinite_run >= tc.max_nonfinite_steps:
                         diverged = not all(torch.isfinite(p).all() for p in model.parameters())
                         hint = "; the weights themselves are no longer finite: lower train.lr" if diverged else ""
-                        raise TrainingError(f"loss was {loss} for {nonfinite_run} steps in a row; stopped at step "
-                                            f"{step + 1} (epoch {epoch + 1}); example ids of that batch: {ids}{hint}")
+                        raise TrainingError(f"{what} was {value} for {nonfinite_run} steps in a row (a non-finite "
+                                            f"loss or gradient each); stopped at step {step + 1} (epoch {epoch + 1}); "
+                                            f"example ids of that batch: {ids}{hint}")
                     if nonfinite_run == 1:
-                        log.warning("step %d (epoch %d): loss is %s, batch skipped (training stops after %d in a "
-                                    "row); example ids of that batch: %s", step + 1, epoch + 1, loss,
+                        log.warning("step %d (epoch %d): %s is %s, batch skipped (training stops after %d in a row); "
+                                    "example ids of that batch: %s", step + 1, epoch + 1, what, value,
                                     tc.max_nonfinite_steps, ids)
                     if stop_votes:  # a signal must not wait for a finite loss
                         status = "interrupted"
@@ -406,8 +417,6 @@ def train(cfg: Config, *, resume: str | Path | None = None, data: DataBundle | N
                         break
                     continue
                 nonfinite_run = 0
-                optimizer.zero_grad(set_to_none=True)
-                out.loss.backward()
                 lr = scheduled_lr(tc, progress_now)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -417,7 +426,7 @@ def train(cfg: Config, *, resume: str | Path | None = None, data: DataBundle | N
                 rate = window_samples / max(time.monotonic() - window_start, 1e-9)
                 progress.update(task, advance=1, loss=loss, epoch=epoch + 1, rate=rate)
                 if step % max(1, cfg.wandb.log_every_steps) == 0:
-                    tracker.log({"train/loss": loss, "train/bound": out.bound.item(),
+                    tracker.log({"train/loss": loss, "train/bound": out.bound.item(), "train/grad_norm": grad_norm,
                                  **{f"train/{k}": v.item() for k, v in out.terms.items()},
                                  "train/lr": lr, "train/samples_per_sec": rate,
                                  "epoch": epoch + (batch_in_epoch / steps_per_epoch)}, step)

@@ -96,7 +96,7 @@ def load_builtin(barrier, n: int, result: str) -> None:
     from epure.data import load_data
 
     barrier.wait()
-    data = load_data(DataConfig(root="builtin:synthetic", synthetic_n=n), seed=0)
+    data = load_data(DataConfig(root="builtin:synthetic", synthetic_n=n))
     Path(result).write_text(json.dumps({"fingerprint": data.fingerprint, "train": int(data.train.images.sum()),
                                         "test": int(data.test.images.sum())}))
 
@@ -119,7 +119,7 @@ def test_processes_building_one_dataset_cache_end_with_one_valid_copy(tmp_path: 
                              use_cache=False)
         with np.load(cache_root() / "datasets" / name, allow_pickle=False) as arrays:
             np.testing.assert_array_equal(arrays["images"], decoded.images)
-    again = load_data(cfg, seed=0)  # from the cache
+    again = load_data(cfg)  # from the cache
     assert again.fingerprint == seen[0]["fingerprint"]
     assert [int(again.train.images.sum()), int(again.test.images.sum())] == [seen[0]["train"], seen[0]["test"]]
 

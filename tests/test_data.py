@@ -16,10 +16,12 @@ from typer.testing import CliRunner
 
 import epure.data.dataset as dataset_module
 from epure.cli import app
-from epure.config import DataConfig
+from epure.config import ConfigError, DataConfig, config_from_dict
 from epure.data import ConditionNormalizer, DatasetError, load_data, load_split
 from epure.data.cache import cache_root
 from epure.data.dimensions import measure_dimensions, union_of_components
+
+from factories import tiny_config
 
 COMPONENTS = ["group_nc", "group_km", "fpu"]
 
@@ -278,17 +280,47 @@ def test_condition_normalizer_fit_normalize_round_trip(tiny_dataset):
 def test_load_data_holds_out_val_fraction_of_train(tiny_dataset):
     root = tiny_dataset(n=50, n_test=10)  # 40 train designs
     cfg = cfg_for(root=str(root), val_fraction=0.25)
-    bundle = load_data(cfg, seed=3)
+    bundle = load_data(cfg)
     assert bundle.root == root
     assert (len(bundle.train), len(bundle.val), len(bundle.test)) == (30, 10, 10)
     train_ids, val_ids = set(bundle.train.ids), set(bundle.val.ids)
     assert not train_ids & val_ids
     assert train_ids | val_ids == {f"d{i:04d}" for i in range(40)}
     assert set(bundle.test.ids) == {f"d{i:04d}" for i in range(40, 50)}
-    # The normaliser is fitted on the train part only, and the hold-out is fixed by the seed.
+    # The normaliser is fitted on the train part only, and the hold-out is fixed by data.val_seed alone.
     assert bundle.normalizer == ConditionNormalizer.fit(bundle.train)
-    assert list(load_data(cfg, seed=3).val.ids) == list(bundle.val.ids)
-    assert list(load_data(cfg, seed=4).val.ids) != list(bundle.val.ids)
+    assert list(load_data(cfg).val.ids) == list(bundle.val.ids)
+    other = cfg_for(root=str(root), val_fraction=0.25, val_seed=1)
+    assert list(load_data(other).val.ids) != list(bundle.val.ids)
+
+
+def test_validation_split_ignores_the_training_seed(tiny_dataset, tmp_path, monkeypatch):
+    """Runs (and sweep trials) with different train.seed validate on the same designs: data.val_seed picks them."""
+    import epure.train
+
+    root = tiny_dataset(n=30, n_test=5, components=["group_nc", "group_km", "fpu"])
+    held_out = []
+
+    def recording_load_data(cfg):
+        bundle = load_data(cfg)
+        held_out.append(sorted(bundle.val.ids))
+        return bundle
+
+    monkeypatch.setattr(epure.train, "load_data", recording_load_data)
+    for seed in (0, 7):
+        cfg = tiny_config(root, tmp_path / f"out{seed}", **{"train.seed": seed, "train.max_steps": 1})
+        assert cfg.data.val_seed == 0
+        epure.train.train(cfg)
+    assert len(held_out) == 2 and held_out[0] == held_out[1]
+
+
+@pytest.mark.parametrize("fraction,designs", [(0.01, 40), (0.99, 40), (0.02, 20)])
+def test_a_validation_fraction_that_leaves_a_split_empty_is_an_error(tiny_dataset, fraction, designs):
+    root = tiny_dataset(n=designs + 5, n_test=5)
+    with pytest.raises(DatasetError, match=rf"data.val_fraction {fraction} of the {designs} training designs"):
+        load_data(cfg_for(root=str(root), val_fraction=fraction))
+    with pytest.raises(ConfigError, match=r"data.val_fraction must be in \(0, 1\)"):
+        config_from_dict({"data": {"val_fraction": 0.0}})
 
 
 # ----------------------------------------------------------------------------------------------- CLI

@@ -171,6 +171,37 @@ def test_options_and_components_are_checked(trained) -> None:
         evaluate(loaded, split, EvaluationOptions())
 
 
+def test_one_model_scored_with_either_completion_rule(trained, tmp_path) -> None:
+    """--cross-prior scores the same trained model with p(w) or r(w) for the unobserved private latents, as if
+    its config said so; the rule used is recorded. Completions differ between the rules, nothing else."""
+    run_dir, split = trained
+    loaded = load_model(run_dir)
+    assert loaded.config.model.cross_prior == "prior"
+    with torch.no_grad():  # r(w) far from p(w): scales 2 and ~0 (softmax x 2)
+        loaded.model.aux_raw_scale.copy_(torch.tensor([[8.0, -8.0]]).expand_as(loaded.model.aux_raw_scale))
+    (by_prior,) = complete(loaded, split.images, split.conditions, [0], batch_size=len(split))
+    (by_aux,) = complete(loaded, split.images, split.conditions, [0], batch_size=len(split), cross_prior="aux")
+    assert np.abs(by_prior[:, 1:] - by_aux[:, 1:]).max() > 1e-4
+    np.testing.assert_array_equal(by_prior[:, 0], by_aux[:, 0])  # the observed one's reconstruction: same draws
+    options = EvaluationOptions(limit=6, bootstrap=0)
+    scored = evaluate(loaded, split, EvaluationOptions(limit=6, bootstrap=0, cross_prior="aux"))
+    loaded.config.model.cross_prior = "aux"  # the model's own config says aux
+    stored = evaluate(loaded, split, options)
+    assert scored.info["cross_prior"] == stored.info["cross_prior"] == "aux"
+    np.testing.assert_array_equal(scored.iou, stored.iou)
+    assert scored.uncond == stored.uncond
+    with pytest.raises(EvaluationError, match="--cross-prior"):
+        evaluate(loaded, split, EvaluationOptions(cross_prior="r"))
+
+    res = CliRunner().invoke(app, ["evaluate", "--checkpoint", str(run_dir), "--limit", "4", "--bootstrap", "0",
+                                   "--cross-prior", "aux", "--out", str(tmp_path / "aux.json"), "--device", "cpu"],
+                             env={"COLUMNS": "300"})
+    assert res.exit_code == 0, res.output
+    info = json.loads((tmp_path / "aux.json").read_text())["info"]
+    assert info["cross_prior"] == "aux" and info["options"]["cross_prior"] == "aux"
+    assert "unobserved private latents from r(w)" in res.output
+
+
 def test_json_and_tables(trained, tmp_path) -> None:
     run_dir, split = trained
     loaded = load_model(run_dir)

@@ -213,7 +213,7 @@ def test_nan_losses_are_skipped_then_stop_naming_step_and_ids(reference: Referen
                                                               caplog: pytest.LogCaptureFixture) -> None:
     cfg = reference.cfg.updated({"train.output_dir": str(tmp_path), "train.epochs": 1,
                                  "train.max_nonfinite_steps": 3})
-    data = load_data(cfg.data, seed=0)
+    data = load_data(cfg.data)
     poisoned = data.train.ids[5]
     data.train.conditions[5] = math.nan  # one design: its batch is skipped, the rest trains
     with caplog.at_level(logging.WARNING, logger="epure.train"):
@@ -228,6 +228,65 @@ def test_nan_losses_are_skipped_then_stop_naming_step_and_ids(reference: Referen
     message = str(error.value)
     assert "3 steps in a row" in message and "stopped at step 1 (epoch 1)" in message
     assert str(data.train.ids[third_batch].tolist()) in message
+
+
+def poison_gradients(monkeypatch: pytest.MonkeyPatch, calls: set[int] | None) -> None:
+    """From now on, the training objective's ``calls`` (counted from 1; None: every one) keep a finite loss whose
+    gradient is NaN: d sqrt(u) / du at u = 0 is infinite, times du / dp = 0."""
+    import epure.train
+
+    real = epure.train.forward_objective
+    count = 0
+
+    def objective(model, *args, **kwargs):
+        nonlocal count
+        out = real(model, *args, **kwargs)
+        if not torch.is_grad_enabled():  # validation
+            return out
+        count += 1
+        if calls is None or count in calls:
+            out.loss = out.loss + (0.0 * next(model.parameters()).sum()).sqrt()
+        return out
+
+    monkeypatch.setattr(epure.train, "forward_objective", objective)
+
+
+def all_finite(tree) -> bool:
+    """Every tensor in a (nested) state dict is finite."""
+    if isinstance(tree, torch.Tensor):
+        return bool(torch.isfinite(tree).all()) if tree.is_floating_point() else True
+    if isinstance(tree, dict):
+        return all(all_finite(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return all(all_finite(v) for v in tree)
+    return True
+
+
+def test_nan_gradients_are_skipped_and_never_reach_the_weights(reference: Reference, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """A finite loss with a NaN gradient would step AMSGrad into NaN moments, then NaN weights, and the next
+    periodic save would rotate the last good last.pt out of previous.pt. Skipped instead, like a NaN loss."""
+    cfg = reference.cfg.updated({"train.output_dir": str(tmp_path), "train.max_steps": 6,
+                                 "train.checkpoint_every_steps": 1, "train.max_nonfinite_steps": 3})
+    poison_gradients(monkeypatch, {3, 4})  # two batches in a row, mid-run
+    with caplog.at_level(logging.WARNING, logger="epure.train"):
+        result = train(cfg)
+    assert result.status == "budget" and result.step == 6 and result.skipped_steps == 2
+    (warning,) = [r.getMessage() for r in caplog.records if "batch skipped" in r.getMessage()]
+    ids = load_data(cfg.data).train.ids
+    third_batch = epoch_permutation(len(ids), cfg.train.seed, 0)[16:24].numpy()
+    assert warning.startswith("step 3 (epoch 1): gradient norm is nan, batch skipped")
+    assert str(ids[third_batch].tolist()) in warning
+    for name in ("last.pt", "previous.pt"):  # both written after the poisoned steps
+        state = torch.load(result.run_dir / "checkpoints" / name, weights_only=False)
+        assert state["step"] >= 5 and state["optimizer"]["state"], name
+        assert all_finite(state["model"]) and all_finite(state["optimizer"]["state"]), name
+    assert all(torch.isfinite(p).all() for p in load_model(result.run_dir).model.parameters())
+
+    poison_gradients(monkeypatch, None)  # every batch: stops at the streak limit, naming the step and the ids
+    with pytest.raises(TrainingError, match=r"gradient norm was nan for 3 steps in a row"):
+        train(cfg.updated({"train.output_dir": str(tmp_path / "again")}))
 
 
 def test_unwritable_output_or_full_disk_fail_before_training(reference: Reference, tmp_path: Path,
@@ -259,7 +318,7 @@ def test_sampling_requests_outside_the_training_range(reference: Reference, tmp_
                                                       caplog: pytest.LogCaptureFixture) -> None:
     loaded = load_model(reference.run_dir)
     norm = loaded.normalizer
-    raw, ids = unconditional_requests(loaded, 3, width=norm.high[0] + 40, height=None, conditions_csv=None, seed=0)
+    raw, ids = unconditional_requests(loaded, 3, {"width_px": norm.high[0] + 40}, conditions_csv=None, seed=0)
     with caplog.at_level(logging.WARNING, logger="epure.sample"):
         write_unconditional(loaded, tmp_path / "samples", raw, ids)
     (warning,) = [r.getMessage() for r in caplog.records]

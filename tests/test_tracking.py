@@ -170,7 +170,7 @@ def test_artifact_downloads_once_and_samples_like_the_run(trained: Trained, tmp_
     from_artifact, from_run = load_model(folder), load_model(trained.result.run_dir)
     assert from_artifact.meta["epoch"] == 1
     for loaded, out in ((from_artifact, tmp_path / "a"), (from_run, tmp_path / "b")):
-        raw, ids = unconditional_requests(loaded, 3, None, None, None, seed=0)
+        raw, ids = unconditional_requests(loaded, 3, {}, None, seed=0)
         write_unconditional(loaded, out, raw, ids, seed=0)
     samples = pixels(tmp_path / "a")
     assert len(samples) == 3 * 6 + 1  # 5 components and a composite per sample, one grid

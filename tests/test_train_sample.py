@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 
@@ -14,9 +15,10 @@ from epure.checkpoint import load_model
 from epure.cli import app
 from epure.data import load_data, load_split
 from epure.model import build_model
-from epure.sample import SamplingError, component_indices, complete
+from epure.sample import (NEAREST_ROWS, SamplingError, component_indices, complete, draw_conditions,
+                          fixed_conditions)
 from epure.checkpoint import LoadedModel
-from epure.config import ConfigError
+from epure.config import ConfigError, save_config
 from epure.tracking import NullTracker
 from epure.train import budget_progress, scheduled_lr, train
 
@@ -43,7 +45,7 @@ def completion_iou(loaded: LoadedModel, split, observed: int) -> float:
 
 def test_brief_training_completes_missing_components(dataset, tmp_path) -> None:
     cfg = tiny_config(dataset, tmp_path / "out", COMPONENTS, **{"train.epochs": 8, "model.beta": 1.0})
-    data = load_data(cfg.data, seed=0)
+    data = load_data(cfg.data)
     torch.manual_seed(0)
     untrained = LoadedModel(build_model(cfg.model, COMPONENTS, cfg.data.image_size).eval(), cfg, data.normalizer,
                             COMPONENTS, tmp_path)
@@ -169,3 +171,130 @@ def test_sample_layout_and_errors(dataset, tmp_path) -> None:
         component_indices(["carcass"], COMPONENTS)
     res = runner.invoke(app, ["sample", "--checkpoint", str(result.run_dir), "--num_samples", "0"])
     assert res.exit_code == 2 and "must be positive" in res.output
+
+
+class Recorder(NullTracker):
+    """Keeps every metric that training logs."""
+
+    def __init__(self) -> None:
+        self.logged: list[dict] = []
+
+    def log(self, metrics, step: int) -> None:
+        self.logged.append(dict(metrics))
+
+
+def test_cli_trains_dreg_with_k4_beta_2_5_and_the_auxiliary_completion_rule(dataset, tmp_path, monkeypatch) -> None:
+    cfg = tiny_config(dataset, tmp_path / "out", COMPONENTS, **{
+        "model.cross_prior": "aux", "model.objective": "dreg", "model.K": 4, "model.beta": 2.5,
+        "wandb.log_every_steps": 1})
+    config = tmp_path / "dreg.yaml"
+    save_config(cfg, config)
+    recorder = Recorder()
+    monkeypatch.setattr("epure.tracking.make_tracker", lambda settings: recorder)
+    res = CliRunner().invoke(app, ["train", "--config", str(config), "--max-steps", "4"], env={"COLUMNS": "300"})
+    assert res.exit_code == 0, res.output
+    steps = [row for row in recorder.logged if "train/loss" in row]
+    assert len(steps) == 4
+    for row in steps:
+        assert all(np.isfinite(row[key]) for key in ("train/loss", "train/bound", "train/grad_norm"))
+        assert row["train/loss"] == pytest.approx(-row["train/bound"])  # DReG's loss reports the bound's value
+    (run_dir,) = (tmp_path / "out" / "mmvaeplus").iterdir()
+    loaded = load_model(run_dir)
+    assert (loaded.config.model.objective, loaded.config.model.K, loaded.config.model.cross_prior) == ("dreg", 4, "aux")
+
+
+def test_grad_clip_bounds_the_norm_each_step_applies(dataset, tmp_path, monkeypatch) -> None:
+    applied = []
+    step = torch.optim.Adam.step
+
+    def recording_step(self, *args, **kwargs):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        applied.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    recorder = Recorder()
+    cfg = tiny_config(dataset, tmp_path / "out", COMPONENTS, **{"train.max_steps": 3, "train.grad_clip": 0.5,
+                                                                "wandb.log_every_steps": 1})
+    train(cfg, tracker=recorder)
+    logged = [row["train/grad_norm"] for row in recorder.logged if "train/grad_norm" in row]
+    assert len(applied) == len(logged) == 3
+    assert all(norm > 0.5 for norm in logged)  # the norm before clipping is what is logged
+    assert applied == pytest.approx([0.5] * 3, rel=1e-4)
+    with pytest.raises(ConfigError, match="train.grad_clip"):
+        cfg.updated({"train.grad_clip": -1.0})
+
+
+@pytest.fixture(scope="module")
+def sampler(dataset, tmp_path_factory):
+    """A model trained for 2 steps, and the train split's condition rows it was trained with."""
+    cfg = tiny_config(dataset, tmp_path_factory.mktemp("sampler"), COMPONENTS, **{"train.max_steps": 2})
+    run = train(cfg)
+    return load_model(run.run_dir), load_data(cfg.data).train.conditions
+
+
+def test_unconditional_requests_are_training_rows(sampler) -> None:
+    loaded, rows = sampler
+    np.testing.assert_array_equal(loaded.train_conditions, rows)  # stored in the checkpoint, as a tensor
+    state = torch.load(loaded.path, weights_only=False)
+    assert isinstance(state["train_conditions"], torch.Tensor)
+    drawn = draw_conditions(loaded, 200, {}, seed=3)
+    assert {tuple(r) for r in drawn} <= {tuple(r) for r in rows}  # each request is a training pair
+    assert len({tuple(r) for r in drawn}) > 20
+    np.testing.assert_array_equal(drawn, draw_conditions(loaded, 200, {}, seed=3))
+    assert not np.array_equal(drawn, draw_conditions(loaded, 200, {}, seed=4))
+
+
+def test_a_fixed_condition_draws_the_others_from_the_nearest_training_rows(sampler) -> None:
+    loaded, rows = sampler
+    width = float(np.median(rows[:, 0])) + 0.25  # between training widths: the nearest rows decide
+    drawn = draw_conditions(loaded, 300, {"width_px": width}, seed=0)
+    assert (drawn[:, 0] == np.float32(width)).all()
+    distance = np.abs(rows[:, 0] - width) / loaded.normalizer.std[0]
+    nearest = np.sort(distance)[NEAREST_ROWS - 1]
+    assert set(drawn[:, 1]) <= set(rows[distance <= nearest, 1])  # heights that go with such widths
+    assert set(drawn[:, 1]) == set(rows[distance <= nearest, 1])  # every one of them, in 300 draws
+    both = draw_conditions(loaded, 5, {"height_px": 40.0, "width_px": 50.0}, seed=0)
+    np.testing.assert_array_equal(both, np.tile(np.float32([50.0, 40.0]), (5, 1)))
+
+
+def test_condition_options_name_the_model_columns(sampler, tmp_path) -> None:
+    loaded, _ = sampler
+    assert fixed_conditions(["height_px=41"], {"width": ("width_px", 57.0), "height": ("height_px", None)}) == {
+        "height_px": 41.0, "width_px": 57.0}
+    for bad, message in [(["width_px"], "expected NAME=VALUE"), (["width_px=wide"], "expected NAME=VALUE"),
+                         (["width_px=nan"], "expected NAME=VALUE"), (["width_px=3", "width_px=4"], "given twice")]:
+        with pytest.raises(SamplingError, match=message):
+            fixed_conditions(bad, {})
+    with pytest.raises(SamplingError, match="given twice"):
+        fixed_conditions(["width_px=3"], {"width": ("width_px", 5.0)})
+    with pytest.raises(SamplingError, match=r"unknown condition\(s\) \['depth_px'\]; this model's condition "
+                                            r"columns are: width_px, height_px"):
+        draw_conditions(loaded, 3, {"depth_px": 1.0}, seed=0)
+    runner = CliRunner()
+    res = runner.invoke(app, ["sample", "--checkpoint", str(loaded.path), "--condition", "depth_px=4",
+                              "--out", str(tmp_path / "none")], env={"COLUMNS": "300"})
+    assert res.exit_code == 2 and "width_px, height_px" in res.output
+    assert not (tmp_path / "none").exists()
+    res = runner.invoke(app, ["sample", "--checkpoint", str(loaded.path), "--num-samples", "3", "--binary",
+                              "--condition", "height_px=44", "--width", "51", "--out", str(tmp_path / "s")])
+    assert res.exit_code == 0, res.output
+    assert len(list((tmp_path / "s" / "unconditional" / "composites").glob("*.png"))) == 3
+    res = runner.invoke(app, ["sample", "--help"], env={"COLUMNS": "300"})
+    assert res.exit_code == 0 and "--condition" in res.output and "--cross-prior" in res.output
+
+
+def test_checkpoints_without_training_rows_still_sample(sampler, tmp_path, caplog) -> None:
+    loaded, _ = sampler
+    state = torch.load(loaded.path, weights_only=False)
+    del state["train_conditions"]
+    old = tmp_path / "old.pt"
+    torch.save(state, old)
+    older = load_model(old)
+    assert older.train_conditions is None
+    with caplog.at_level(logging.WARNING, logger="epure.sample"):
+        drawn = draw_conditions(older, 50, {"width_px": 50.0}, seed=0)
+    assert any("holds no training conditions" in r.getMessage() and "old.pt" in r.getMessage()
+               for r in caplog.records)
+    norm = older.normalizer
+    assert (drawn[:, 0] == 50).all() and (drawn[:, 1] >= norm.low[1]).all() and (drawn[:, 1] <= norm.high[1]).all()

@@ -113,15 +113,22 @@ class DataBundle:
         return hashlib.sha256(f"{self.train.fingerprint}:{self.test.fingerprint}".encode()).hexdigest()[:16]
 
 
-def load_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
-    """Load both splits and hold out ``cfg.val_fraction`` of train (fixed by ``seed``) for validation."""
+def load_data(cfg: DataConfig) -> DataBundle:
+    """Load both splits and hold out ``cfg.val_fraction`` of train for validation.
+
+    Which designs are held out depends on ``data.val_seed`` only, never on ``train.seed``: trials of a sweep
+    over seeds are scored on the same validation designs. The hold-out and the rest are disjoint, and each
+    must keep at least one design.
+    """
     root = resolve_root(cfg)
     full_train = load_split(root, "train", cfg)
     test = load_split(root, "test", cfg)
-    order = np.random.default_rng(seed).permutation(len(full_train))
-    n_val = int(round(cfg.val_fraction * len(full_train)))
-    if n_val == 0 or n_val == len(full_train):
-        train, val = full_train, full_train.subset(order[: max(1, min(len(full_train), 256))])
-    else:
-        train, val = full_train.subset(np.sort(order[n_val:])), full_train.subset(np.sort(order[:n_val]))
+    n = len(full_train)
+    n_val = int(round(cfg.val_fraction * n))
+    if n_val < 1 or n_val >= n:
+        fix = f"set data.val_fraction between {1 / n:.3g} and {(n - 1) / n:.3g}" if n > 1 else "add designs"
+        raise DatasetError(f"data.val_fraction {cfg.val_fraction} of the {n} training designs of {root} leaves "
+                           f"{n_val} for validation and {n - n_val} for training; each needs at least one ({fix})")
+    order = np.random.default_rng(cfg.val_seed).permutation(n)
+    train, val = full_train.subset(np.sort(order[n_val:])), full_train.subset(np.sort(order[:n_val]))
     return DataBundle(root, train, val, test, ConditionNormalizer.fit(train))

@@ -3,7 +3,10 @@
 - q(w_m, z | x_m): each component's encoder gives a private and a shared posterior.
 - q(z | x_1..M): the mixture of the components' shared posteriors (mixture of experts).
 - p(z), p(w): fixed standard priors; r_m(w): an auxiliary prior per component with a learnable scale,
-  which stands in for the private latent of component m when m is generated from another component's z.
+  which stands in for the private latent of component m in the training objective's cross terms (m decoded
+  from another component's z).
+- Completion (cross-component generation) draws an unobserved component's private latent from p(w), as the
+  paper does (``model.cross_prior: prior``); ``aux`` draws it from r_m(w) instead.
 
 Decoding is batched by target: every target component's decoder runs once on the latents of all sources
 (M decoder calls instead of M^2), which gives the same numbers as one call per (source, target) pair.
@@ -87,8 +90,10 @@ class MMVAEPlus(nn.Module):
         # Fixed standard priors p(w), p(z); with the Laplace softmax parameterisation a zero logit is scale 1.
         self.register_buffer("prior_loc", torch.zeros(1))
         self.register_buffer("prior_scale", torch.ones(1))
-        # Auxiliary priors r_m(w): zero location, learnable scale (raw logits, one row per component).
-        self.aux_raw_scale = nn.Parameter(torch.zeros(len(components), cfg.latent_dim_w))
+        # Auxiliary priors r_m(w): zero location, learnable scale (raw values, one row per component), starting
+        # at the priors' scale 1: a zero logit for Laplace's softmax, softplus^-1(1) = log(e - 1) for Normal.
+        start = 0.0 if self.family == "Laplace" else math.log(math.e - 1)
+        self.aux_raw_scale = nn.Parameter(torch.full((len(components), cfg.latent_dim_w), start))
 
     @property
     def num_components(self) -> int:
@@ -133,13 +138,17 @@ class MMVAEPlus(nn.Module):
 
     @torch.no_grad()
     def complete(self, x: torch.Tensor, cond_emb: torch.Tensor, observed: list[int], joint: str = "mixture",
-                 use_mean: bool = False, generator: torch.Generator | None = None, fast: bool = True) -> torch.Tensor:
+                 use_mean: bool = False, generator: torch.Generator | None = None, fast: bool = True,
+                 cross_prior: str | None = None) -> torch.Tensor:
         """Generate every component from the observed ones -> probabilities [N, M, H, W].
 
-        The shared z comes from the observed components' posteriors (``joint``: ``mixture`` draws from one
-        observed expert per example, ``product`` combines them by precision, a Gaussian approximation);
-        an observed component keeps its own posterior w (reconstruction), the others draw w from r_m(w).
-        ``use_mean`` takes posterior locations instead of samples.
+        The shared z comes from the observed components' posteriors. ``joint``: ``mixture`` is their mixture
+        of experts (a draw picks one observed expert per example; its mean is the average of the observed
+        experts' locations), ``product`` combines them by precision (a Gaussian approximation of the product;
+        its mean is the precision-weighted average of the locations). An observed component keeps its own
+        posterior w (reconstruction); the others draw w from p(w) (``cross_prior`` ``prior``, the paper's
+        rule) or from r_m(w) (``aux``); None takes ``model.cross_prior``. ``use_mean`` takes the means of z's
+        and the observed w's posteriors instead of draws; the unobserved w are drawn either way.
         """
         n, m, device = x.shape[0], self.num_components, x.device
         post = self.encode(x, cond_emb, observed, fast)
@@ -150,11 +159,18 @@ class MMVAEPlus(nn.Module):
             loc = (post.z_loc * precision).sum(1) / precision.sum(1)
             scale = (1.0 / precision.sum(1)).sqrt()
             z = loc if use_mean else loc + scale * torch.randn(loc.shape, device=device, generator=generator)
+        elif use_mean:
+            z = post.z_loc.mean(1)  # the mixture's mean: every observed expert weighs 1/len(observed)
         else:
             pick = torch.randint(len(observed), (n,), device=device, generator=generator)
             loc, scale = post.z_loc[torch.arange(n), pick], post.z_scale[torch.arange(n), pick]
-            z = loc if use_mean else loc + scale * noise(loc.shape)
-        w = noise((n, m, self.cfg.latent_dim_w)) * self.aux_scale()
+            z = loc + scale * noise(loc.shape)
+        rule = cross_prior or self.cfg.cross_prior
+        if rule not in ("prior", "aux"):
+            raise ValueError(f"cross_prior must be 'prior' or 'aux', got {rule!r}")
+        w = noise((n, m, self.cfg.latent_dim_w))
+        if rule == "aux":
+            w = w * self.aux_scale()
         own_w = post.w_loc if use_mean else post.w_loc + post.w_scale * noise(post.w_loc.shape)
         w[:, observed] = own_w
         u = torch.cat([w, z[:, None].expand(n, m, -1)], dim=-1)

@@ -5,10 +5,23 @@ For each source component m (a stratum), draw K samples (w_m, z) ~ q(w_m, z | x_
 
     lw = sum_n log p(x_n | w_mn, z) + beta * (log p(z) + log p(w_m) - log q(z | x_1..M) - log q(w_m | x_m)),
 
-with q(z | x_1..M) = 1/M sum_j q(z | x_j), the mixture of experts. ``elbo`` averages lw over samples and
-strata; ``dreg`` averages log-mean-exp over the K samples of each stratum (the stratified IWAE bound) and
-uses doubly reparameterised gradients: posterior parameters are detached inside the log weights, and the
-gradient reaching each posterior sample is scaled by its normalised weight once more (weight squared).
+with q(z | x_1..M) = 1/M sum_j q(z | x_j), the mixture of experts. Both objectives maximise the stratified
+importance-weighted bound: the log-mean-exp of lw over the K samples of each stratum, averaged over the
+strata (for K = 1 the ELBO itself). They differ in the gradient estimator:
+
+- ``elbo``: plain reparameterised gradients of the bound.
+- ``dreg``: doubly reparameterised gradients (Tucker et al. 2019), for any beta and for the mixture. The
+  gradient of the bound is sum_k w~_k (path_k - beta score_k): w~ the normalised importance weights, path_k
+  the gradient reaching the encoder through sample k, score_k that of log q at the fixed sample. The
+  reparameterisation identity E[h score_k] = E[(dh / d sample_k) path_k] turns the score of the distribution
+  a sample was drawn from into path gradients. The private w_m was drawn from q(w_m | x_m): its path weight
+  becomes (1 - beta) w~ + beta w~^2 (w~^2 at beta = 1). The shared z of stratum m was drawn from its own
+  expert q(z | x_m) but is weighed under the mixture, whose score splits by responsibility
+  r_j(z) = q(z | x_j) / sum_i q(z | x_i): the own expert's share r_m score_m becomes the path weight
+  w~ (1 - beta r_m (1 - w~)) plus the path gradient of -beta w~ r_m, and the other experts' shares are no
+  scores (those experts did not draw z), so they keep their plain gradients. With one component (r_m = 1)
+  the two weights agree. Detaching every expert and weighting z's path like w's (the MMVAE code's DReG) is
+  exact only for K = 1 or identical experts; see docs/metrics.md, "Where the code departs from the paper".
 """
 
 from __future__ import annotations
@@ -108,23 +121,37 @@ def log_likelihood(logits: torch.Tensor, x: torch.Tensor, kind: str, scale: floa
     return log_density(x, mean, scale_t, family).sum((-2, -1))
 
 
+def expert_log_densities(model: MMVAEPlus, post: Posteriors, z: torch.Tensor) -> torch.Tensor:
+    """log q(z_m | x_j) [K, B, M_src, M_j]: each source's shared samples under every component's expert."""
+    # z [K, B, M_src, 1, dz] against parameters [1, B, 1, M_j, dz]
+    return log_density(z[:, :, :, None], post.z_loc[None, :, None], post.z_scale[None, :, None],
+                       model.family).sum(-1)
+
+
 def log_weights(model: MMVAEPlus, x: torch.Tensor, post: Posteriors, draws: LatentDraws, logits: torch.Tensor,
-                beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """lw [K, B, M] for each sample of each stratum, and its terms."""
+                beta: float, dreg: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """lw [K, B, M] for each sample of each stratum, and its terms.
+
+    ``dreg``: the parameters of the distribution each sample was drawn from (q(w_m | x_m) and the stratum's own
+    expert q(z | x_m)) are held fixed, so no score term reaches them; the other experts of the mixture keep
+    theirs, which enter the density at a point they did not draw (a plain dependence, not a score).
+    """
     fam, cfg = model.family, model.cfg
     m = model.num_components
+    eye = torch.eye(m, dtype=torch.bool, device=x.device)
     # log p(x_n | u_mn): logits [K, B, M_src, M_tgt, H, W] against x [B, M_tgt, H, W]
     lpx = log_likelihood(logits, x[None, :, None], cfg.likelihood, cfg.likelihood_scale,
                          cfg.foreground_weight)  # [K, B, M, M]
     zero, one = model.prior_loc, model.prior_scale
     lpz = log_density(draws.z, zero, one, fam).sum(-1)  # [K, B, M]
     lpw = log_density(draws.w, zero, one, fam).sum(-1)
-    # mixture posterior: log 1/M sum_j q(z_m | x_j); z [K,B,M_src,1,dz] vs params [1,B,1,M_j,dz]
-    lqz_each = log_density(draws.z[:, :, :, None], post.z_loc[None, :, None], post.z_scale[None, :, None], fam)
-    lqz = torch.logsumexp(lqz_each.sum(-1), dim=-1) - math.log(m)
-    lqw = log_density(draws.w, post.w_loc, post.w_scale, fam).sum(-1)
+    lqz_each = expert_log_densities(model, post, draws.z)
+    fixed = post.detached() if dreg else post
+    if dreg:
+        lqz_each = torch.where(eye, expert_log_densities(model, fixed, draws.z), lqz_each)
+    lqz = torch.logsumexp(lqz_each, dim=-1) - math.log(m)  # the mixture: log 1/M sum_j q(z_m | x_j)
+    lqw = log_density(draws.w, fixed.w_loc, fixed.w_scale, fam).sum(-1)
     lw = lpx.sum(-1) + beta * (lpz + lpw - lqz - lqw)
-    eye = torch.eye(m, dtype=torch.bool, device=x.device)
     terms = {
         "recon_self": -lpx.diagonal(dim1=-2, dim2=-1).mean(),
         "recon_cross": -(lpx.masked_fill(eye, 0).sum((-2, -1)) / max(1, m * (m - 1))).mean(),
@@ -144,32 +171,30 @@ def forward_objective(model: MMVAEPlus, x: torch.Tensor, conditions: torch.Tenso
     ``batched``: the fast path (default); False is the straightforward reference (see ``decode_all``).
     ``share``: see ``draw_latents`` (distributed training).
     """
+    if objective not in ("elbo", "dreg"):
+        raise ValueError(f"unknown objective {objective!r}; expected 'elbo' or 'dreg'")
+    dreg = objective == "dreg"
     cond_emb = model.embed(conditions)
     post = model.encode(x, cond_emb, fast=batched)
     draws = draw_latents(model, post, k, share)
+    z_drawn = draws.z
+    if dreg:  # the log weights get a node of their own for z, so that only their path gradient is reweighted
+        draws = LatentDraws(draws.w, draws.z.clone(), draws.w_aux)
     logits = decode_all(model, decoder_inputs(draws), cond_emb, batched=batched)
-    if objective == "elbo":
-        lw, terms = log_weights(model, x, post, draws, logits, beta)
-        bound = lw.mean(0).mean(-1)  # [B]
+    lw, terms = log_weights(model, x, post, draws, logits, beta, dreg)
+    bound = (torch.logsumexp(lw, 0) - math.log(k)).mean(-1)  # [B]: log-mean-exp over K, mean over strata
+    if not dreg:
         return ObjectiveOutput(-bound.mean(), bound.mean().detach(), terms)
-    if objective == "dreg":
-        lw, terms = log_weights(model, x, post.detached(), draws, logits, beta)
-        with torch.no_grad():
-            weights = torch.softmax(lw, dim=0)  # normalised over the K samples of each stratum
-        if draws.w.requires_grad:
-            draws.w.register_hook(lambda g: g * weights[..., None])
-            draws.z.register_hook(lambda g: g * weights[..., None])
-        surrogate = (weights * lw).sum(0).mean(-1)  # [B]
-        bound = (torch.logsumexp(lw.detach(), 0) - math.log(k)).mean(-1)
-        return ObjectiveOutput(-surrogate.mean(), bound.mean(), terms)
-    raise ValueError(f"unknown objective {objective!r}; expected 'elbo' or 'dreg'")
-
-
-def iwae_objective(model: MMVAEPlus, x: torch.Tensor, conditions: torch.Tensor, beta: float, k: int) -> torch.Tensor:
-    """Plain stratified IWAE loss (no DReG), the reference the DReG estimator is tested against."""
-    cond_emb = model.embed(conditions)
-    post = model.encode(x, cond_emb)
-    draws = draw_latents(model, post, k)
-    logits = decode_all(model, decoder_inputs(draws), cond_emb)
-    lw, _ = log_weights(model, x, post, draws, logits, beta)
-    return -(torch.logsumexp(lw, 0) - math.log(k)).mean(-1).mean()
+    # responsibility r of each stratum's own expert for its samples, parameters fixed: r = 1 when M = 1
+    own = torch.softmax(expert_log_densities(model, post.detached(), z_drawn), dim=-1).diagonal(dim1=-2, dim2=-1)
+    with torch.no_grad():
+        weights = torch.softmax(lw, dim=0)  # normalised over the K samples of each stratum
+        w_path = ((1.0 - beta) + beta * weights)[..., None]  # times the surrogate's own w~, below
+        z_path = (1.0 - beta * own * (1.0 - weights))[..., None]
+    if draws.w.requires_grad:
+        draws.w.register_hook(lambda g: g * w_path)
+        draws.z.register_hook(lambda g: g * z_path)
+    # gradients: sum_k w~_k d lw_k (decoders, r(w), the other experts) with the paths reweighted, and the
+    # responsibility's own path; its value is the bound's
+    surrogate = (weights * (lw - beta * own)).sum(0).mean(-1)  # [B]
+    return ObjectiveOutput(-(bound.detach() + surrogate - surrogate.detach()).mean(), bound.mean().detach(), terms)
