@@ -49,7 +49,8 @@ class EpureGroup(TyperGroup):
 
 
 app = typer.Typer(cls=EpureGroup, no_args_is_help=True, add_completion=False,
-                  help="MMVAE+ for tire cross-section design: data, train, sample, evaluate, sweep.")
+                  help="MMVAE+ for tire cross-section design: data, train, sample, evaluate, sweep, "
+                       "compare, register, report.")
 data_app = typer.Typer(no_args_is_help=True, help="Create, validate and look at datasets.")
 app.add_typer(data_app, name="data")
 
@@ -185,6 +186,8 @@ def train_command(
         "--wandb", help="auto (online when logged in, else offline) | online | offline | off.")] = None,
     devices: Annotated[int, typer.Option(
         "--devices", help="Train on N local processes (DistributedDataParallel via torchrun).")] = 1,
+    register: Annotated[Optional[str], typer.Option(
+        "--register", help="Link the best model to this W&B Registry collection at the end (W&B online).")] = None,
 ) -> None:
     """Train MMVAE+ (with no arguments: the small preset on the built-in synthetic data).
 
@@ -209,10 +212,10 @@ def train_command(
             "train.seed": seed, "train.max_minutes": max_minutes, "train.max_steps": max_steps,
             "train.output_dir": str(output_dir) if output_dir else None, "wandb.project": project,
             "wandb.entity": entity, "wandb.name": name, "wandb.tags": tags, "wandb.group": group,
-            "wandb.notes": notes, "wandb.mode": wandb_mode})
+            "wandb.notes": notes, "wandb.mode": wandb_mode, "wandb.register": register})
+        tracker = make_tracker(cfg.wandb)
     except ConfigError as err:
         fail(str(err))
-    tracker = make_tracker(cfg.wandb)
     exit_code = 1
     try:
         result = train(cfg, resume=resume, tracker=tracker, images_fn=_images_fn(progress_images),
@@ -414,19 +417,80 @@ def compare_command(
     sources: Annotated[list[str], typer.Argument(
         help="Evaluation JSON files, run directories (their eval/metrics.json) or W&B runs ENTITY/PROJECT/RUN_ID.")],
     show_all: Annotated[bool, typer.Option("--all", help="Also every observed -> generated matrix entry.")] = False,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", help="Also write one PNG: bars of the headline scores, then the sample grids side by side.")] = None,
 ) -> None:
-    """One table of several evaluations, side by side."""
+    """One table of several evaluations, side by side (and with --out, one picture of them)."""
     from epure import evaluate as evaluation
     from epure import tracking
+    from epure.viz import save_png
 
-    entries = []
+    entries, grids = [], []
     try:
         for source in sources:
             is_wandb_run = not Path(source).exists() and source.count("/") == 2 and not source.endswith(".json")
             entries.append(tracking.fetch_run_metrics(source) if is_wandb_run else evaluation.load_evaluation(source))
+            path = None if is_wandb_run else evaluation.evaluation_path(source)
+            grids.append(path.with_name(f"{path.stem}_samples.png") if path else None)
     except (evaluation.EvaluationError, tracking.ArtifactError) as err:
         fail(str(err))
     Console().print(evaluation.comparison_table(entries, show_all))
+    if out is not None:
+        save_png(evaluation.comparison_picture(entries, grids), out)
+        console.print(f"wrote {out}")
+
+
+@app.command("register")
+def register_command(
+    source: Annotated[str, typer.Argument(
+        help="Run directory (its best model) or W&B model artifact ENTITY/PROJECT/NAME:ALIAS.")],
+    name: Annotated[str, typer.Argument(help="W&B Registry collection (in the model registry, or wandb-registry-R/NAME).")],
+    alias: Annotated[Optional[list[str]], typer.Option(
+        "--alias", help="Alias of the linked version in the collection, e.g. production (repeatable).")] = None,
+) -> None:
+    """Link a trained model to a W&B Registry collection (W&B online); sample it with
+    epure sample --artifact wandb-registry-model/NAME:ALIAS."""
+    from epure import tracking
+
+    try:
+        target = tracking.register_model(source, name, list(alias or []))
+    except (tracking.TrackingError, tracking.ArtifactError) as err:
+        fail(str(err))
+    shown = f"{target}:{alias[0]}" if alias else f"{target}:latest"
+    console.print(f"linked {source} to the W&B Registry: {target}; sample it with: epure sample --artifact {shown}",
+                  soft_wrap=True)
+
+
+@app.command("report")
+def report_command(
+    project: Annotated[str, typer.Option("--project", help="W&B project of the runs.")],
+    runs: Annotated[Optional[list[str]], typer.Argument(help="W&B run ids to show (instead of --group or --sweep).")] = None,
+    group: Annotated[Optional[str], typer.Option("--group", help="Show the runs of this W&B group.")] = None,
+    sweep: Annotated[Optional[str], typer.Option("--sweep", help="Show the trials of this W&B sweep id.")] = None,
+    sweep_file: Annotated[Optional[Path], typer.Option(
+        "--sweep-file", help="Sweep file whose parameters the parallel-coordinates panel shows (default for "
+                             "--sweep: read from W&B).")] = None,
+    entity: Annotated[Optional[str], typer.Option("--entity", help="W&B entity (default: yours).")] = None,
+    title: Annotated[Optional[str], typer.Option("--title", help="Report title.")] = None,
+) -> None:
+    """Build a W&B report (loss curves, score bars, sample grids, sweep parameters) and print its URL."""
+    from epure import sweep as sweeping
+    from epure import tracking
+
+    try:
+        owner = tracking.report_entity(entity)
+        parameters, metric = None, None
+        if sweep_file is not None:
+            spec = sweeping.load_sweep(sweep_file)
+            parameters, metric = spec.searched or list(spec.definition["parameters"]), spec.metric
+        elif sweep:
+            parameters, metric = tracking.sweep_parameters(project, owner, sweep)
+        report = tracking.build_report(project, owner, group=group, sweep=sweep, runs=runs, parameters=parameters,
+                                       metric=metric, title=title)
+        url = tracking.save_report(report)
+    except (tracking.TrackingError, sweeping.SweepError) as err:
+        fail(str(err))
+    console.print(f"W&B report: {url}", soft_wrap=True)
 
 
 @app.command("sweep")
@@ -445,12 +509,16 @@ def sweep_command(
 ) -> None:
     """Search hyperparameters: as a W&B sweep agent, or offline with W&B's sweep engine; then rank the trials."""
     from epure import sweep as sweeping
+    from epure.tracking import TrackingError
 
     try:
         spec = sweeping.load_sweep(file, config)
         outcome = sweeping.run_sweep(spec, count, "offline" if offline else wandb_mode, project, entity, sweep_id)
     except (sweeping.SweepError, ConfigError, DatasetError) as err:
         fail(str(err))
+    except TrackingError as err:
+        fail(f"{err}. Without a W&B sweep server, W&B's engine runs the same search here: "
+             f"epure sweep {file} --offline")
     Console().print(sweeping.trials_table(outcome))
     console.print(f"trials, best first: {outcome.csv_path}", soft_wrap=True)
     if outcome.sync_command:

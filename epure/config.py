@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from typing import Any
 import yaml
 
 EPURE_COMPONENTS = ["group_nc", "group_km", "bt", "fpu", "tpc"]
+# A W&B Registry collection: NAME (in the model registry) or wandb-registry-REGISTRY/NAME.
+REGISTRY_COLLECTION = re.compile(r"(wandb-registry-[\w.-]+/)?[\w.-]+")
 
 
 class ConfigError(ValueError):
@@ -98,6 +101,8 @@ class WandbConfig:
     notes: str | None = None
     log_every_steps: int = 10
     images_every_epochs: int = 5
+    log_dataset: str = "reference"  # reference | upload (also the decoded images) | off: the dataset artifact
+    register: str | None = None  # W&B Registry collection the best model is linked to at the end (online)
 
 
 @dataclass
@@ -235,10 +240,14 @@ def validate(config: Config) -> None:
         "train.device": (t.device, ["auto", "cpu", "cuda", "mps"]),
         "train.lr_schedule": (t.lr_schedule, ["constant", "cosine"]),
         "wandb.mode": (w.mode, ["auto", "online", "offline", "off"]),
+        "wandb.log_dataset": (w.log_dataset, ["reference", "upload", "off"]),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"config key '{key}' must be one of {allowed}, got {value!r}")
+    if w.register is not None and not REGISTRY_COLLECTION.fullmatch(w.register):
+        raise ConfigError(f"wandb.register must be a W&B Registry collection name (letters, digits, '-', '_', '.'), "
+                          f"or wandb-registry-REGISTRY/NAME, got {w.register!r}")
     if m.foreground_weight <= 0:
         raise ConfigError(f"model.foreground_weight must be positive, got {m.foreground_weight}")
     if m.foreground_weight != 1.0 and m.likelihood != "bernoulli":

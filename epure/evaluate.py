@@ -338,11 +338,18 @@ def write_evaluation(result: EvaluationResult, loaded: LoadedModel, split: Split
 
 
 def tracking_tables(result: EvaluationResult) -> dict[str, tuple[list[str], list[list[Any]]]]:
-    """The observed x generated matrices as (columns, rows), for W&B tables."""
+    """The observed x generated matrices as (columns, rows), for W&B tables, and the same numbers in long form
+    (``eval/completion``: one row per observed set and generated component), which W&B's table panel stacks
+    across runs, so several runs compare in one panel."""
     columns = ["observed", *result.components]
-    return {f"{PREFIX}/{name}_matrix": (columns, [[label, *map(float, matrix[r])]
-                                                  for r, label in enumerate(result.observed)])
-            for name, matrix in (("iou", result.iou), ("dice", result.dice))}
+    tables = {f"{PREFIX}/{name}_matrix": (columns, [[label, *map(float, matrix[r])]
+                                                    for r, label in enumerate(result.observed)])
+              for name, matrix in (("iou", result.iou), ("dice", result.dice))}
+    tables[f"{PREFIX}/completion"] = (
+        ["run", "observed", "generated", "iou", "dice"],
+        [[result.info.get("run"), label, target, float(result.iou[r, t]), float(result.dice[r, t])]
+         for r, label in enumerate(result.observed) for t, target in enumerate(result.components)])
+    return tables
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -384,10 +391,16 @@ def render_tables(result: EvaluationResult, console: Console) -> None:
 # ------------------------------------------------------------------------------------------------ compare
 
 
+def evaluation_path(source: str | Path) -> Path:
+    """The evaluation JSON of ``source``: the file itself, or a run directory's ``eval/metrics.json``."""
+    source = Path(source)
+    return source / "eval" / "metrics.json" if source.is_dir() else source
+
+
 def load_evaluation(source: str | Path) -> tuple[str, dict[str, float | None]]:
     """(label, flat metrics) from an evaluation JSON, or from a run directory's ``eval/metrics.json``."""
     source = Path(source)
-    path = source / "eval" / "metrics.json" if source.is_dir() else source
+    path = evaluation_path(source)
     if not path.is_file():
         hint = f" (run: epure evaluate --checkpoint {source})" if source.is_dir() else ""
         raise EvaluationError(f"{path}: evaluation file not found{hint}")
@@ -420,3 +433,27 @@ def comparison_table(entries: list[tuple[str, dict[str, float | None]]], show_al
             cells.append(_fmt(value) + (f" ± {_fmt(std)}" if std is not None else ""))
         table.add_row(name, *cells)
     return table
+
+
+COMPARED = [f"{PREFIX}/{name}" for name in ("cross_iou", "self_iou", "cross_dice", "self_dice")] + \
+    [f"{PREFIX}/uncond/{name}" for name in RATES]
+
+
+def comparison_picture(entries: list[tuple[str, dict[str, float | None]]],
+                       grids: list[Path | None]) -> "Image.Image":
+    """One picture of several evaluations: bars of the headline scores, then their sample grids side by side
+    (``grids``: each evaluation's ``*_samples.png``, None where there is none, e.g. a W&B run)."""
+    from PIL import Image
+
+    from epure.viz import bar_chart, side_by_side, stack
+
+    labels = [label for label, _ in entries]
+    if len(set(labels)) < len(labels):
+        labels = [f"{label} [{i + 1}]" for i, label in enumerate(labels)]
+    series = [(label, [metrics.get(name) for name in COMPARED]) for label, (_, metrics) in zip(labels, entries)]
+    pictures = [Image.open(path) if path is not None and path.is_file() else None for path in grids]
+    samples = side_by_side(pictures, labels)
+    chart = bar_chart([name.removeprefix(f"{PREFIX}/") for name in COMPARED], series,
+                      "headline scores (IoU/Dice: completion of each component from the others and itself; "
+                      "one-piece shares of generated designs)", width=max(900, samples.width))
+    return stack([chart, samples])

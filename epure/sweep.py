@@ -43,7 +43,8 @@ from rich.table import Table
 from epure.config import Config, ConfigError, dotted_keys, load_config
 from epure.data import DataBundle, load_data
 from epure.io import atomic_write_text, claim_dir
-from epure.tracking import NullTracker, WandbTracker, quiet_settings, make_tracker, resolve_mode
+from epure.tracking import (NullTracker, WandbTracker, agent_params, create_sweep, make_tracker,
+                            record_failed_run, resolve_mode, run_agent)
 from epure.train import TrainingError, select_device, train
 
 with warnings.catch_warnings():  # sweeps 0.3.0 still uses pydantic v1 names: deprecation warnings, harmless
@@ -371,35 +372,18 @@ def run_online(spec: SweepSpec, count: int | None, project: str | None = None, e
     """Create the sweep on the W&B server (or join ``sweep_id``) and run an agent in this process.
 
     Every machine or GPU that runs ``epure sweep FILE --sweep-id ID`` adds one agent to the same sweep.
+    A server that cannot create or serve the sweep raises ``TrackingError`` (it names the server and the call).
     """
-    import wandb
-
     project = project or spec.base.wandb.project
     entity = entity or spec.base.wandb.entity
     if sweep_id is None:
-        sweep_id = wandb.sweep(spec.definition, project=project, entity=entity)
+        sweep_id = create_sweep(spec.definition, project, entity)
         log.info("more agents join this sweep with: epure sweep %s --sweep-id %s --project %s%s", spec.path,
                  sweep_id, project, f" --entity {entity}" if entity else "")
     runner = _TrialRunner(spec, "online", f"{spec.name}-{sweep_id.split('/')[-1]}", project, entity)
     numbers = itertools.count(1)
-    wandb.agent(sweep_id, function=lambda: runner.run_trial(next(numbers), agent_params(), []), count=count,
-                project=project, entity=entity)
+    run_agent(sweep_id, lambda: runner.run_trial(next(numbers), agent_params(), []), count, project, entity)
     return runner.outcome(sweep_id)
-
-
-def agent_params() -> dict[str, Any]:
-    """The parameters W&B's agent chose for the run it starts now.
-
-    The agent writes them to a file (``WANDB_SWEEP_PARAM_PATH``) that ``wandb.init`` reads; epure reads it
-    first, because the whole config must be known before training starts its W&B run.
-    """
-    import wandb
-
-    path = os.environ.get(wandb.env.SWEEP_PARAM_PATH)
-    if not path or not Path(path).is_file():
-        raise SweepError("no sweep parameters from the W&B agent ($WANDB_SWEEP_PARAM_PATH is not set or missing)")
-    tree = yaml.safe_load(Path(path).read_text()) or {}
-    return {k: v["value"] for k, v in tree.items() if k != "wandb_version"}
 
 
 class _StopTrial(Exception):
@@ -429,7 +413,8 @@ class _TrialRunner:
         # claimed atomically: a second agent of the same sweep on this machine gets <label>_1, not the same CSV
         self.folder = claim_dir(Path(spec.base.train.output_dir) / "sweeps" / label)
         self.fixed: dict[str, Any] = {"train.output_dir": str(self.folder), "wandb.mode": mode,
-                                      "wandb.group": label, "wandb.tags": [*spec.base.wandb.tags, "sweep"]}
+                                      "wandb.group": label, "wandb.tags": [*spec.base.wandb.tags, "sweep"],
+                                      "wandb.register": None}  # a sweep's best is registered afterwards
         self.fixed.update({k: v for k, v in {"wandb.project": project, "wandb.entity": entity}.items() if v})
         self.trials: list[Trial] = []
         self._data_key: str | None = None
@@ -537,19 +522,10 @@ class _TrialRunner:
     def _failure_run(self, trial: Trial, outcome: dict[str, Any]) -> Any:
         """A W&B run for a trial that failed before training (e.g. a parameter combination the config rejects):
         the sweep shows it as failed instead of waiting for it."""
-        import wandb
-
-        settings = self.spec.base.wandb
+        settings = self.spec.base.updated({k: v for k, v in self.fixed.items() if k.startswith("wandb.")}).wandb
         folder = Path(os.environ.get("WANDB_DIR") or self.folder / "mmvaeplus")  # where training puts its runs
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            run = wandb.init(project=self.fixed.get("wandb.project", settings.project),
-                             entity=self.fixed.get("wandb.entity", settings.entity), group=self.label,
-                             tags=self.fixed["wandb.tags"], job_type="train", mode=self.mode, config=trial.params,
-                             dir=str(folder), settings=quiet_settings())
-            run.summary.update(outcome)
-            run.finish(exit_code=1)
-            return run
+            return record_failed_run(settings, self.mode, folder, trial.params, outcome)
         except Exception as err:  # W&B trouble must not stop the sweep
             log.warning("could not record failed trial %d in W&B (%s: %s)", trial.number, type(err).__name__, err)
             return None

@@ -8,13 +8,20 @@ training loop regardless).
 Models travel as W&B artifacts of type ``model``, one collection per run (``model-<run id>``), laid out like
 a run directory (``checkpoints/last.pt``, ``config.yaml``, ``normalization.json``, ``components.json``), so
 ``epure.checkpoint.load_model`` reads a downloaded version as it reads a local run. ``resolve_artifact`` is
-the one way in for ``sample`` and ``evaluate``.
+the one way in for ``sample`` and ``evaluate``, for run artifacts and Registry collections alike.
+
+Lineage: a training run uses a ``dataset`` artifact (by reference: fingerprint, file counts, the CSV's hash)
+and logs ``model`` artifacts; sampling and evaluation runs use the model. Lineage and reads are niceties
+that may fail (a warning), never a result: metrics, tables and pictures are logged first. Calls a command
+cannot do without (creating a sweep, linking to the Registry, saving a report) raise ``TrackingError``,
+which names the server and the call.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -24,12 +31,15 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from epure.checkpoint import read_checkpoint, save_checkpoint
-from epure.config import Config, TrainConfig, WandbConfig
+from epure.config import REGISTRY_COLLECTION, Config, ConfigError, DataConfig, TrainConfig, WandbConfig
 from epure.data.cache import cache_root
 from epure.io import atomic_write_json
+
+if TYPE_CHECKING:
+    from epure.data import DataBundle
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +49,63 @@ RUN_FILES = ("config.yaml", "normalization.json", "components.json")
 SAMPLING_KEYS = ("model", "config", "components", "normalizer", "epoch", "step", "val_loss", "data_fingerprint",
                  "git_commit", "train_conditions")
 ARTIFACT_EVERY_MINUTES = 10.0
+CONFIRM_SECONDS = 300  # how long finish() waits for the server to confirm the model versions, all together
+REGISTRY_PREFIX = "wandb-registry-"
+MODEL_REGISTRY = f"{REGISTRY_PREFIX}model"
 _PINNED_VERSION = re.compile(r"v\d+")
 
 
 class ArtifactError(RuntimeError):
     """A model artifact that cannot be had; the message says what to do instead."""
+
+
+class TrackingError(RuntimeError):
+    """A W&B call a command cannot do without failed; the message names the server and the call."""
+
+
+def server_url() -> str:
+    """The W&B server this process talks to (``WANDB_BASE_URL``, the login's host, or W&B's cloud)."""
+    from wandb.sdk import wandb_setup
+
+    return os.environ.get("WANDB_BASE_URL") or wandb_setup.singleton().settings.base_url
+
+
+def server_call(call: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``, with any failure turned into a ``TrackingError`` naming the server and ``call``.
+
+    The SDK raises many types (CommError, its service's WandbApiFailedError, ValueError, ...), so all are caught.
+    """
+    try:
+        return fn(*args, **kwargs)
+    except Exception as err:
+        raise TrackingError(f"the W&B server {server_url()} failed {call}: {type(err).__name__}: {err}") from err
+
+
+def summary_goal(key: str) -> str | None:
+    """The run summary a dashboard wants for a ``val/*`` or ``eval/*`` key: the best value over the run.
+
+    ``min`` for losses, errors and distances (``*_mae``, the Wasserstein ``w_*``), ``max`` for IoU and Dice;
+    None (W&B's default, the last value) for shares and spreads, where neither end is better.
+    """
+    if not key.startswith(("val/", "eval/")) or "_std/" in key:
+        return None
+    leaf = key.split("/", 1)[1]
+    if "loss" in leaf or leaf.endswith("_mae") or leaf.startswith("uncond/w_"):
+        return "min"
+    if "iou" in leaf or "dice" in leaf:
+        return "max"
+    return None
+
+
+def define_summaries(run: Any, keys: Any, defined: set[str]) -> None:
+    """``define_metric`` once per new key with a goal (W&B globs only match suffixes, so keys are named one
+    by one: ``val/*`` would give IoU a min)."""
+    for key in keys:
+        if key not in defined:
+            defined.add(key)
+            goal = summary_goal(key)
+            if goal is not None:
+                run.define_metric(key, summary=goal)
 
 
 class NullTracker:
@@ -53,6 +115,9 @@ class NullTracker:
     sync_hint: str | None = None
 
     def start(self, run_dir: Path, cfg: Config) -> None:
+        pass
+
+    def use_dataset(self, data: "DataBundle", cfg: DataConfig) -> None:
         pass
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
@@ -110,7 +175,9 @@ class WandbTracker:
     resolved config, is named after the run directory, and a resumed run continues the same W&B run.
     A model version is logged at most every ``artifact_every_minutes`` (a new best included); what was held
     back meanwhile (the newest best and the latest) is logged by ``finish``, so long runs with short epochs
-    do not upload a copy of the weights every epoch.
+    do not upload a copy of the weights every epoch. Online, ``finish`` then waits for the server to confirm
+    each version (a warning names any it did not store, and the local checkpoint that holds it) and, with
+    ``wandb.register``, links the best version to that Registry collection.
     """
 
     enabled = True
@@ -125,6 +192,8 @@ class WandbTracker:
         self._staging: Path | None = None  # where this run's weights-only copies wait to be logged
         self._last_upload: float | None = None
         self._pending: dict[str, tuple[Path, list[str], dict[str, Any]]] = {}  # "best" / "latest" held back
+        self._logged: list[tuple[Any, list[str]]] = []  # (artifact, aliases) of every model version logged
+        self._defined: set[str] = set()  # keys given their summary by define_metric
 
     @_guarded
     def start(self, run_dir: Path, cfg: Config) -> None:
@@ -140,7 +209,6 @@ class WandbTracker:
             group=s.group, notes=s.notes, config=cfg.to_dict(), job_type="train", mode=self.mode,
             dir=os.environ.get("WANDB_DIR") or str(self.run_dir.parent), id=resume_id,
             resume="allow" if resume_id else None, settings=quiet_settings())
-        self.run.define_metric("val/loss", summary="min")
         self._staging = Path(tempfile.mkdtemp(prefix="epure-wandb-"))
         if self.mode == "online":
             log.info("W&B run: %s", self.run.url)
@@ -155,9 +223,21 @@ class WandbTracker:
     def artifact_name(self) -> str:
         return f"model-{self.run.id}"
 
+    def use_dataset(self, data: "DataBundle", cfg: DataConfig) -> None:
+        """Declare the training data as this run's input (lineage); a failure only warns."""
+        if self.run is None or self.failed or self.settings.log_dataset == "off":
+            return
+        try:
+            use_new_artifact(self.run, dataset_artifact(data, cfg, self._staging,
+                                                        upload=self.settings.log_dataset == "upload"))
+        except Exception as err:  # lineage never costs the run: metrics, pictures and models go on
+            log.warning("W&B could not record that this run uses the dataset %s (%s: %s); training goes on",
+                        dataset_name(data.root), type(err).__name__, err)
+
     @_guarded
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if self.run is not None:
+            define_summaries(self.run, metrics, self._defined)
             self.run.log(metrics, step=step)
 
     @_guarded
@@ -194,12 +274,42 @@ class WandbTracker:
     def _log_model(self, weights: Path, aliases: list[str], metadata: dict[str, Any]) -> None:
         import wandb
 
-        artifact = wandb.Artifact(self.artifact_name, type="model",
-                                  metadata={**metadata, "run_dir": str(self.run_dir)})
+        artifact = wandb.Artifact(self.artifact_name, type="model", metadata={
+            **metadata, "run_dir": str(self.run_dir), "run_id": self.run.id, "project": self.run.project,
+            "entity": self.run.entity})
         artifact.add_file(str(weights), name="checkpoints/last.pt")  # copied: the staging file is reused
         for name in RUN_FILES:
             artifact.add_file(str(self.run_dir / name), name=name)
-        self.run.log_artifact(artifact, aliases=aliases)
+        self._logged.append((self.run.log_artifact(artifact, aliases=aliases), list(aliases)))
+
+    def _confirm_models(self) -> None:
+        """Online: wait until the server confirms each logged version; warn about any it did not store."""
+        deadline = time.monotonic() + CONFIRM_SECONDS
+        for artifact, aliases in self._logged:
+            try:
+                artifact.wait(timeout=max(1, round(deadline - time.monotonic())))
+                if artifact.state != "COMMITTED":
+                    raise RuntimeError(f"its state is {artifact.state}")
+            except Exception as err:
+                local = self.run_dir / "checkpoints" / ("best.pt" if "best" in aliases else "last.pt")
+                log.warning("W&B did not confirm that it stored the model artifact %s (aliases %s): %s: %s; "
+                            "the model is safe in %s (epure sample --checkpoint %s)", self.artifact_name,
+                            ", ".join(aliases), type(err).__name__, err, local, self.run_dir)
+
+    def _register(self) -> None:
+        """Link the best model version to the Registry collection ``wandb.register``; a failure only warns."""
+        name = self.settings.register
+        best = next((a for a, aliases in reversed(self._logged) if "best" in aliases), None)
+        if best is None:
+            log.warning("no best model to link to the W&B Registry collection %s (no finite validation loss)", name)
+            return
+        try:
+            self.run.link_artifact(best, registry_path(name))
+            log.info("linked %s:best to the W&B Registry collection %s", self.artifact_name, registry_path(name))
+        except Exception as err:
+            log.warning("could not link %s:best to the W&B Registry collection %s (%s: %s); link it later with: "
+                        "epure register %s %s", self.artifact_name, registry_path(name), type(err).__name__, err,
+                        self.run_dir, name)
 
     @_guarded
     def summary(self, values: dict[str, Any]) -> None:
@@ -227,7 +337,73 @@ class WandbTracker:
     @_guarded
     def _finish_run(self, exit_code: int) -> None:
         self._flush()
+        if self.mode == "online":
+            self._confirm_models()
+            if self.settings.register:
+                self._register()
         self.run.finish(exit_code=exit_code)
+
+
+def dataset_name(root: str | Path) -> str:
+    """The dataset artifact's collection: ``dataset-<folder name>``, in the characters W&B allows."""
+    return f"dataset-{re.sub(r'[^A-Za-z0-9_.-]+', '-', Path(root).resolve().name)}"
+
+
+def dataset_artifact(data: "DataBundle", cfg: DataConfig, staging: Path, upload: bool = False) -> Any:
+    """The training data as a ``dataset`` artifact, by reference: its description, not its images.
+
+    The description (``dataset.json``, also the metadata) holds the fingerprint that checkpoints carry, the
+    folder, the designs per split, the image files per split and component, and the CSV's SHA-256; the
+    artifact refers to the CSV where it is (a reference to the image folder would list every PNG in the
+    manifest). A changed dataset changes the description, so W&B makes a new version of the folder's
+    collection. ``upload`` adds the decoded images (the cache's .npz files).
+    """
+    import wandb
+
+    from epure.data.dataset import cache_path
+
+    root = Path(data.root).resolve()
+    csv_path = Path(cfg.csv) if Path(cfg.csv).is_absolute() else root / cfg.csv
+    files = {split: {c: sum(1 for e in os.scandir(root / split / c) if e.is_file()) for c in cfg.components}
+             for split in ("train", "test") if (root / split).is_dir()}
+    description = {"fingerprint": data.fingerprint, "root": str(root), "csv": str(csv_path),
+                   "csv_sha256": hashlib.sha256(csv_path.read_bytes()).hexdigest(),
+                   "designs": {"train": len(data.train), "val": len(data.val), "test": len(data.test)},
+                   "files": files, "components": list(cfg.components),
+                   "condition_columns": list(cfg.condition_columns), "image_size": list(cfg.image_size)}
+    artifact = wandb.Artifact(dataset_name(root), type="dataset", description=f"epure dataset {root}",
+                              metadata=description)
+    atomic_write_json(staging / "dataset.json", description)
+    artifact.add_file(str(staging / "dataset.json"), name="dataset.json")
+    artifact.add_reference(csv_path.as_uri(), name=csv_path.name)  # the images: their root and counts above
+    if upload:
+        for split, fingerprint in (("train", data.train.fingerprint), ("test", data.test.fingerprint)):
+            cached = cache_path(split, fingerprint)
+            if cached.is_file():
+                artifact.add_file(str(cached), name=f"decoded/{split}.npz")
+            else:
+                log.warning("wandb.log_dataset is upload, but the decoded %s split is not cached (%s); its "
+                            "images are referenced, not uploaded", split, cached)
+    return artifact
+
+
+def use_new_artifact(run: Any, artifact: Any) -> None:
+    """Declare a new artifact as an input of ``run`` (lineage), online or offline.
+
+    Online this is ``run.use_artifact``. Offline the SDK refuses ``use_artifact``, yet what it does online for
+    a new artifact is to log it marked ``use_after_commit``; that record, written to the offline run file,
+    is what ``wandb sync`` sends later. It is the SDK's private ``_log_artifact``: if a future wandb drops it,
+    this raises and the caller warns.
+    """
+    if run.offline:
+        run._log_artifact(artifact, is_user_created=True, use_after_commit=True)
+    else:
+        run.use_artifact(artifact)
+
+
+def registry_path(name: str) -> str:
+    """``NAME`` -> ``wandb-registry-model/NAME``; a full ``wandb-registry-R/NAME`` stays as it is."""
+    return name if name.startswith(REGISTRY_PREFIX) else f"{MODEL_REGISTRY}/{name}"
 
 
 def has_credentials() -> bool:
@@ -265,8 +441,16 @@ def resolve_mode(mode: str) -> str:
 
 
 def make_tracker(settings: WandbConfig) -> NullTracker | WandbTracker:
-    """The tracker for a training run with these W&B settings."""
+    """The tracker for a training run with these W&B settings.
+
+    ``wandb.register`` needs the Registry, so W&B online: otherwise this is an error, before any training.
+    """
     mode = resolve_mode(settings.mode)
+    if settings.register and mode != "online":
+        reason = offline_reason() or f"W&B mode is {mode}"
+        raise ConfigError(f"--register {settings.register} (wandb.register) links the model in the W&B Registry, "
+                          f"which needs W&B online, but {reason}. Train online (`wandb login`), or link the model "
+                          f"afterwards with: epure register RUN_DIR {settings.register}")
     return NullTracker() if mode == "off" else WandbTracker(settings, mode)
 
 
@@ -338,7 +522,7 @@ def resolve_artifact(spec: str, project: str | None = None, entity: str | None =
     path = "/".join(filter(None, (entity, project, f"{name}:{alias}")))
     try:
         artifact = wandb.Api().artifact(path, type="model")
-    except (wandb.errors.Error, ValueError) as err:
+    except Exception as err:  # the SDK raises many types (CommError, WandbApiFailedError, ValueError, ...)
         raise ArtifactError(f"cannot get the W&B model artifact {path}: {err}") from err
     folder = artifact_cache_dir(artifact.entity, artifact.project, name, artifact.version)
     if not (folder / ARTIFACT_INFO).is_file():
@@ -400,18 +584,24 @@ def declare_artifact_use(folder: Path, job_type: str, config: dict[str, Any] | N
 def training_run_info(model_path: Path) -> dict[str, Any]:
     """What is known of the W&B run that trained the model at ``model_path`` (a run's or an artifact's file).
 
-    A run directory keeps ``wandb_run.json``; a downloaded artifact knows its run from its name
-    (``model-<run id>``). Empty when the model was trained without tracking.
+    A run directory keeps ``wandb_run.json``; its ``artifact`` becomes the version of that checkpoint
+    (``model-<run id>:best`` for best.pt, else ``:latest``). A downloaded artifact knows its run from its
+    metadata (older versions: from the name ``model-<run id>``). Empty when trained without tracking.
     """
     path = Path(model_path)
     folder = path.parent.parent if path.parent.name == "checkpoints" else path.parent
     if (folder / RUN_INFO).is_file():
-        return json.loads((folder / RUN_INFO).read_text())
+        info = json.loads((folder / RUN_INFO).read_text())
+        if info.get("artifact"):
+            info["artifact"] = f"{info['artifact']}:{'best' if path.name == 'best.pt' else 'latest'}"
+        return info
     if (folder / ARTIFACT_INFO).is_file():
         info = artifact_info(folder)
-        run_id = info["name"].removeprefix("model-")
-        return {"id": run_id, "project": info["project"], "entity": info["entity"],
-                "name": Path(info["metadata"].get("run_dir") or run_id).name, "artifact": info["qualified_name"]}
+        meta = info["metadata"]
+        run_id = meta.get("run_id") or info["name"].removeprefix("model-")
+        return {"id": run_id, "project": meta.get("project") or info["project"],
+                "entity": meta.get("entity") or info["entity"], "name": Path(meta.get("run_dir") or run_id).name,
+                "artifact": info["qualified_name"]}
     return {}
 
 
@@ -421,10 +611,11 @@ def log_evaluation(metrics: dict[str, float], tables: dict[str, tuple[list[str],
     """Log an evaluation to a new W&B run of job type ``evaluate``; returns the ``wandb sync`` command offline.
 
     The run carries the training run's config (plus ``eval`` options) and sits in the training run's group,
-    so evaluations line up with their training runs on the dashboard; ``metrics`` go to its summary under
-    their stable names, ``tables`` (columns, rows) and ``images`` are logged once. Online, the run declares
-    the model artifact it used (lineage) and the training run's own summary receives the same metrics, so the
-    runs table shows them beside the training curves. W&B trouble only warns: the JSON is already written.
+    so evaluations line up with their training runs on the dashboard; ``metrics`` (with their min/max
+    summaries), ``tables`` (columns, rows) and ``images`` are logged in one step. Only then, online, does the
+    run declare the model artifact it used (lineage, which may fail with a warning), and the training run's
+    own summary receives the same metrics, so the runs table shows them beside the training curves.
+    W&B trouble only warns: the JSON is already written.
     """
     mode = resolve_mode(mode)
     if mode == "off":
@@ -439,17 +630,25 @@ def log_evaluation(metrics: dict[str, float], tables: dict[str, tuple[list[str],
                          name=f"eval-{name}" if name else None, group=settings.group or name,
                          tags=settings.tags or None, config=config,
                          dir=os.environ.get("WANDB_DIR") or str(cache_root()), settings=quiet_settings())
-        if trained_by.get("artifact") and mode == "online":
-            run.use_artifact(trained_by["artifact"])
-        run.summary.update(_json_safe(metrics))
-        logged = {key: wandb.Table(columns=columns, data=rows) for key, (columns, rows) in tables.items()}
+        define_summaries(run, metrics, set())
+        logged: dict[str, Any] = dict(_json_safe(metrics))
+        logged.update({key: wandb.Table(columns=columns, data=rows) for key, (columns, rows) in tables.items()})
         logged.update({key: wandb.Image(image) for key, image in images.items()})
         run.log(logged)
-        sync_dir = run.settings.sync_dir
-        run.finish()
     except Exception as err:
         log.warning("could not log the evaluation to W&B (%s: %s); it is in the JSON file", type(err).__name__, err)
         return None
+    if trained_by.get("artifact") and mode == "online":
+        try:
+            run.use_artifact(trained_by["artifact"])
+        except Exception as err:  # the results are logged already: lineage only warns
+            log.warning("W&B could not record that this evaluation used the model %s (%s: %s); its metrics, "
+                        "tables and pictures are logged", trained_by["artifact"], type(err).__name__, err)
+    sync_dir = run.settings.sync_dir
+    try:
+        run.finish()
+    except Exception as err:
+        log.warning("could not finish the W&B evaluation run (%s: %s)", type(err).__name__, err)
     if mode == "online" and trained_by.get("id"):
         _update_training_summary(entity, project, trained_by["id"], metrics)
     return f"wandb sync {sync_dir}" if mode == "offline" else None
@@ -477,9 +676,191 @@ def fetch_run_metrics(path: str) -> tuple[str, dict[str, float | None]]:
     try:
         run = wandb.Api().run(path)
         summary = dict(run.summary)
-    except (wandb.errors.Error, ValueError) as err:
+    except Exception as err:  # the SDK raises many types (CommError, WandbApiFailedError, ValueError, ...)
         raise ArtifactError(f"cannot read the W&B run {path}: {err}") from err
-    metrics = {k: v for k, v in summary.items() if k.startswith("eval/") and isinstance(v, (int, float))}
+    metrics = {k: v for k, v in ((k, summary_value(v)) for k, v in summary.items())
+               if k.startswith("eval/") and isinstance(v, (int, float))}
     if not metrics:
         raise ArtifactError(f"the W&B run {path} has no eval/* metrics (run `epure evaluate` on its model first)")
     return run.name, metrics
+
+
+def summary_value(value: Any) -> Any:
+    """A summary entry as one number: a ``define_metric`` summary ``{"max": v}`` (or min) gives ``v``."""
+    keys = list(value.keys()) if hasattr(value, "keys") else []  # a dict, or the public API's SummarySubDict
+    return value[keys[0]] if len(keys) == 1 and keys[0] in ("min", "max") else value
+
+
+# --------------------------------------------------------------------------------------------- sweeps
+
+
+def create_sweep(definition: dict[str, Any], project: str, entity: str | None) -> str:
+    """Create a W&B sweep on the server; returns its id."""
+    import wandb
+
+    return server_call("wandb.sweep (creating the sweep)", wandb.sweep, definition, project=project, entity=entity)
+
+
+def run_agent(sweep_id: str, trial: Callable[[], Any], count: int | None, project: str,
+              entity: str | None) -> None:
+    """Be one agent of the W&B sweep ``sweep_id``: ``trial()`` runs each trial the server hands out."""
+    import wandb
+
+    server_call(f"wandb.agent (asking sweep {sweep_id} for trials)", wandb.agent, sweep_id, function=trial,
+                count=count, project=project, entity=entity)
+
+
+def agent_params() -> dict[str, Any]:
+    """The parameters W&B's agent chose for the run it starts now.
+
+    The agent writes them to a file (``WANDB_SWEEP_PARAM_PATH``) that ``wandb.init`` reads; epure reads it
+    first, because the whole config must be known before training starts its W&B run.
+    """
+    import wandb
+    import yaml
+
+    path = os.environ.get(wandb.env.SWEEP_PARAM_PATH)
+    if not path or not Path(path).is_file():
+        raise TrackingError("no sweep parameters from the W&B agent ($WANDB_SWEEP_PARAM_PATH is not set or missing)")
+    tree = yaml.safe_load(Path(path).read_text()) or {}
+    return {k: v["value"] for k, v in tree.items() if k != "wandb_version"}
+
+
+def record_failed_run(settings: WandbConfig, mode: str, folder: Path, config: dict[str, Any],
+                      summary: dict[str, Any]) -> Any:
+    """A finished, failed (exit code 1) W&B run with this config and summary: a sweep trial that failed before
+    training started its run is recorded this way, so the sweep shows it as failed instead of waiting for it."""
+    import wandb
+
+    folder.mkdir(parents=True, exist_ok=True)
+    run = wandb.init(project=settings.project, entity=settings.entity, group=settings.group,
+                     tags=settings.tags or None, job_type="train", mode=mode, config=config, dir=str(folder),
+                     settings=quiet_settings())
+    run.summary.update(summary)
+    run.finish(exit_code=1)
+    return run
+
+
+# --------------------------------------------------------------------------------------------- registry
+
+
+def register_model(source: str | Path, collection: str, aliases: list[str] | None = None) -> str:
+    """Link a model version to a W&B Registry collection; returns the collection's path. Online only.
+
+    ``source`` is a run directory (its ``best`` version) or an artifact ``[[ENTITY/]PROJECT/]NAME:ALIAS``.
+    """
+    if not REGISTRY_COLLECTION.fullmatch(collection):
+        raise TrackingError(f"{collection!r} is not a W&B Registry collection name (letters, digits, '-', '_', '.', "
+                            f"or wandb-registry-REGISTRY/NAME)")
+    folder, hint = Path(source), ""
+    if folder.is_dir():
+        if not (folder / RUN_INFO).is_file():
+            raise TrackingError(f"{folder}: no {RUN_INFO}, so this run was trained without W&B and logged no model "
+                                f"artifact to register; train it with W&B (not --wandb off)")
+        info = json.loads((folder / RUN_INFO).read_text())
+        source = "/".join(filter(None, (info.get("entity"), info.get("project"), f"{info['artifact']}:best")))
+        if info.get("mode") == "offline":
+            hint = f"; the run was tracked offline: upload it first with `wandb sync {info.get('sync_dir')}`"
+    entity, project, name, alias = parse_artifact_spec(str(source))
+    reason = offline_reason()
+    if reason is not None:
+        raise TrackingError(f"the W&B Registry needs W&B online, but {reason}: log in with `wandb login` (or set "
+                            f"WANDB_API_KEY) and run epure register again")
+    import wandb
+
+    path = "/".join(filter(None, (entity, project, f"{name}:{alias}")))
+    artifact = server_call(f"wandb.Api().artifact({path!r}) (finding the model to register{hint})",
+                           lambda: wandb.Api().artifact(path, type="model"))
+    target = registry_path(collection)
+    server_call(f"Artifact.link({target!r}) (linking {path})", artifact.link, target, aliases=aliases or None)
+    return target
+
+
+# --------------------------------------------------------------------------------------------- reports
+
+HEADLINE = ("cross_iou", "self_iou", "cross_dice", "self_dice")
+PICTURE_KEYS = ("samples/unconditional", "samples/cross_matrix", "samples/composites", "eval/completions",
+                "eval/samples")
+
+
+def build_report(project: str, entity: str, *, group: str | None = None, sweep: str | None = None,
+                 runs: list[str] | None = None, parameters: list[str] | None = None, metric: str | None = None,
+                 title: str | None = None) -> Any:
+    """A W&B report (``wandb_workspaces``) of one group, one sweep or a list of run ids, not saved yet.
+
+    Loss curves, bars of the headline scores across runs (``eval/*`` of evaluation runs; a sweep's trials
+    score ``val/*``), the sample grids as media panels and, given the swept ``parameters``, a parallel
+    coordinates panel of them against ``metric``. Building it needs no server; ``save_report`` does.
+    """
+    import wandb_workspaces.reports.v2 as wr
+    from wandb_workspaces import expr
+
+    if sum(bool(x) for x in (group, sweep, runs)) != 1:
+        raise TrackingError("a report shows one selection: give exactly one of --group, --sweep or run ids")
+    if group:
+        selection, chosen = f"the runs of group {group}", expr.Metric("Group") == group
+    elif sweep:
+        selection, chosen = f"the trials of sweep {sweep}", expr.Metric("Sweep") == sweep
+    else:
+        selection, chosen = f"the runs {', '.join(runs)}", expr.Metric("ID").isin(list(runs))
+    filters = expr.And(chosen)
+    scored = "val" if sweep or parameters else "eval"
+
+    def grid(*panels: Any) -> Any:
+        return wr.PanelGrid(runsets=[wr.Runset(entity=entity, project=project, name=selection, filters=filters)],
+                            panels=list(panels))
+
+    def bar_metric(key: str) -> Any:  # an evaluation run's IoU/Dice summary is {"max": v} (define_metric)
+        goal = summary_goal(key)
+        return wr.SummaryMetric(f"{key}.{goal}" if scored == "eval" and goal else key)
+
+    blocks = [
+        wr.P(f"{selection} of {entity}/{project}, as epure logs them: training losses, the headline scores "
+             f"({scored}/*), and the sample grids."),
+        wr.H2("Training"),
+        grid(wr.LinePlot(title="training loss", x="Step", y=["train/loss"]),
+             wr.LinePlot(title="validation loss", x="Step", y=["val/loss"]),
+             wr.LinePlot(title="loss terms", x="Step", y=["train/kl_z", "train/kl_w", "train/recon_self",
+                                                           "train/recon_cross"])),
+        wr.H2("Scores"),
+        grid(wr.BarPlot(title=f"{scored}: IoU and Dice (higher is better)",
+                        metrics=[bar_metric(f"{scored}/{name}") for name in HEADLINE])),
+        wr.H2("Samples"),
+        grid(wr.MediaBrowser(title="sample grids", media_keys=list(PICTURE_KEYS), num_columns=2)),
+    ]
+    if parameters:
+        columns = [wr.ParallelCoordinatesPlotColumn(metric=wr.Config(p)) for p in parameters]
+        columns.append(wr.ParallelCoordinatesPlotColumn(metric=wr.SummaryMetric(metric or f"{scored}/cross_iou")))
+        blocks += [wr.H2("Sweep"), grid(wr.ParallelCoordinatesPlot(title="parameters and score", columns=columns))]
+    return wr.Report(project=project, entity=entity, title=title or f"epure: {selection}",
+                     description=f"epure report of {selection}", blocks=blocks)
+
+
+def sweep_parameters(project: str, entity: str, sweep: str) -> tuple[list[str], str | None]:
+    """(the parameters a W&B sweep varies, its metric), read from the server."""
+    import wandb
+
+    path = f"{entity}/{project}/{sweep}"
+    config = server_call(f"wandb.Api().sweep({path!r}) (reading the sweep's parameters)",
+                         lambda: wandb.Api().sweep(path).config)
+    varied = [k for k, v in config.get("parameters", {}).items() if "value" not in v]
+    return varied, config.get("metric", {}).get("name")
+
+
+def report_entity(entity: str | None) -> str:
+    """The entity a report belongs to: the given one, ``WANDB_ENTITY``, else the login's default entity."""
+    reason = offline_reason()
+    if reason is not None:
+        raise TrackingError(f"a W&B report lives on the W&B server, which needs W&B online, but {reason}: log in "
+                            f"with `wandb login` (or set WANDB_API_KEY) and run epure report again")
+    if entity or os.environ.get("WANDB_ENTITY"):
+        return entity or os.environ["WANDB_ENTITY"]
+    import wandb
+
+    return server_call("wandb.Api().default_entity (finding your entity)", lambda: wandb.Api().default_entity)
+
+
+def save_report(report: Any) -> str:
+    """Save the report on the W&B server; returns its URL."""
+    server_call("Report.save (saving the report)", report.save)
+    return report.url

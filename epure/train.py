@@ -325,6 +325,7 @@ def train(cfg: Config, *, resume: str | Path | None = None, data: DataBundle | N
     if ctx.is_main:
         (run_dir / "checkpoints").mkdir(exist_ok=True)
     tracker.start(run_dir, cfg)
+    tracker.use_dataset(data, cfg.data)
 
     train_x = torch.from_numpy(data.train.images).to(device)
     train_c = torch.from_numpy(normalizer.normalize(data.train.conditions)).to(device)

@@ -15,6 +15,7 @@ from epure.config import DataConfig
 from epure.data.dimensions import measure_dimensions
 
 from factories import sandbox_wandb
+from wandb_server import Server, find_openwandb, go_online
 
 
 @pytest.fixture(autouse=True)
@@ -43,6 +44,25 @@ def one_torch_thread():
 def wandb_sandbox(isolated_env: Path, monkeypatch: pytest.MonkeyPatch):
     """Every wandb folder under the test's own directory, no login; yields WANDB_DIR."""
     yield sandbox_wandb(monkeypatch, isolated_env)
+    wandb.teardown()
+
+
+@pytest.fixture(scope="session")
+def openwandb_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real W&B-compatible server (openwandb) on 127.0.0.1, started once for the session's online tests."""
+    binary = find_openwandb()
+    if binary is None:
+        pytest.skip("openwandb is not installed: pip install -e '.[server-tests]' (or set EPURE_OPENWANDB_BIN)")
+    server = Server(binary, tmp_path_factory.mktemp("openwandb"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def wandb_online(openwandb_server: Server, wandb_sandbox: Path, monkeypatch: pytest.MonkeyPatch) -> Server:
+    """This test talks to the openwandb server; yields it."""
+    go_online(monkeypatch, openwandb_server)
+    yield openwandb_server
     wandb.teardown()
 
 

@@ -292,7 +292,13 @@ def test_cli_evaluate_logs_an_evaluation_run_to_wandb(trained, tmp_path, monkeyp
     assert run.config["model"]["nf"] == 4 and run.config["eval"]["limit"] == 6
     stored = json.loads(out.read_text())["metrics"]
     summary = run.summary
-    assert summary["eval/cross_iou"] == pytest.approx(stored["eval/cross_iou"])
-    assert summary["eval/cross_iou/group_nc->fpu"] == pytest.approx(stored["eval/cross_iou/group_nc->fpu"])
-    assert {"eval/iou_matrix", "eval/dice_matrix"} <= set(run.tables)
+    # define_metric: the best over the run (here one value) for IoU/Dice (max) and errors/distances (min)
+    assert summary["eval/cross_iou/max"] == pytest.approx(stored["eval/cross_iou"])
+    assert summary["eval/cross_iou/group_nc->fpu/max"] == pytest.approx(stored["eval/cross_iou/group_nc->fpu"])
+    assert summary["eval/dims/width_mae/min"] == pytest.approx(stored["eval/dims/width_mae"])
+    assert summary["eval/uncond/union_one_piece"] == pytest.approx(stored["eval/uncond/union_one_piece"])
+    goals = {m.name: [f for f in ("min", "max") if getattr(m.summary, f)] for m in run.records_of("metric")}
+    assert goals["eval/cross_dice"] == ["max"] and goals["eval/uncond/w_com_y/fpu"] == ["min"]
+    assert "eval/uncond/union_one_piece" not in goals  # a share: neither end is better
+    assert {"eval/iou_matrix", "eval/dice_matrix", "eval/completion"} <= set(run.tables)
     assert {"eval/completions", "eval/samples"} <= set(run.images)

@@ -246,6 +246,11 @@ def _report_scaled(folder: Path, split: str, components: list[str]) -> None:
                  folder, split, component)
 
 
+def cache_path(split: str, fingerprint: str) -> Path:
+    """Where the decoded images of a split with this fingerprint are cached."""
+    return cache_root() / "datasets" / f"{split}-{fingerprint}-v{CACHE_FORMAT}.npz"
+
+
 def load_split(root: str | Path, split: str, cfg: DataConfig, use_cache: bool = True) -> Split:
     """Load one split (``train`` or ``test``), from the on-disk cache when nothing changed.
 
@@ -264,7 +269,7 @@ def load_split(root: str | Path, split: str, cfg: DataConfig, use_cache: bool = 
                            f"{split == 'train'})")
     dirs = _component_dirs(root, split, cfg)
     key = _fingerprint(root, split, cfg, dirs, csv_path)
-    cache_file = cache_root() / "datasets" / f"{split}-{key}-v{CACHE_FORMAT}.npz"
+    cache_file = cache_path(split, key)
     ids = rows[cfg.id_column].astype(str).to_numpy()
     conditions = rows[cfg.condition_columns].to_numpy(dtype=np.float32)
     if use_cache and cache_file.is_file():
