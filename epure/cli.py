@@ -213,6 +213,8 @@ def train_command(
             "train.output_dir": str(output_dir) if output_dir else None, "wandb.project": project,
             "wandb.entity": entity, "wandb.name": name, "wandb.tags": tags, "wandb.group": group,
             "wandb.notes": notes, "wandb.mode": wandb_mode, "wandb.register": register})
+        if resume is not None and register is None:  # a resumed run registers only when asked again
+            cfg = cfg.updated({"wandb.register": None})
         tracker = make_tracker(cfg.wandb)
     except ConfigError as err:
         fail(str(err))

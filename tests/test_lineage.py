@@ -122,6 +122,11 @@ def test_register_and_report_need_wandb_online_and_say_so(dataset: Path, tmp_pat
     trained = runner.invoke(app, ["train", "--config", str(config), "--wandb", "off"])
     assert trained.exit_code == 0, trained.output
     (run_dir,) = (tmp_path / "outputs" / "mmvaeplus").iterdir()
+    stored = yaml.safe_load((run_dir / "config.yaml").read_text())
+    stored["wandb"]["register"] = "tires"  # as a run trained online with --register keeps it
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(stored))
+    result = runner.invoke(app, ["train", "--resume", str(run_dir), "--max-steps", "3", "--wandb", "off"])
+    assert result.exit_code == 0, result.output  # a resume registers only when asked again: no W&B is fine
     result = runner.invoke(app, ["register", str(run_dir), "tires"])
     assert result.exit_code == 2 and flat(f"{run_dir}: no wandb_run.json") in flat(result.output)
     result = runner.invoke(app, ["register", "team/tires/model-ab12cd34:best", "tires", "--alias", "production"])

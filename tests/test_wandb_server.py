@@ -141,8 +141,8 @@ def test_unconfirmed_model_upload_and_failed_lineage_warn_and_lose_nothing(onlin
 def test_register_links_the_best_version_and_a_refusal_only_warns(online_run: OnlineRun, wandb_online: Server,
                                                                   tmp_path: Path) -> None:
     stored, run_dir = online_run.stored, online_run.run_dir
-    # once per part: the resumed run keeps wandb.register from the run's config and links its best again
-    assert online_run.links == [(f"model-{stored.id}", "model", "wandb-registry-model/epure-test")] * 2
+    # the first part only: --register is the command's choice, and the resume did not give it
+    assert online_run.links == [(f"model-{stored.id}", "model", "wandb-registry-model/epure-test")]
     assert flat(f"could not link model-{stored.id}:best to the W&B Registry collection "
                 f"wandb-registry-model/epure-test") in flat(online_run.first)
     assert flat(f"epure register {run_dir} epure-test") in flat(online_run.first)
@@ -179,6 +179,10 @@ def test_evaluate_online_logs_metrics_tables_and_pictures_before_lineage(online_
     # the lineage call comes last, and the server refusing it is a warning
     assert flat(f"W&B could not record that this evaluation used the model model-{online_run.stored.id}:best") \
         in flat(result.output)
+    # reading a W&B run back is a read the server refuses: a clear error, exit 2, no traceback
+    result = CliRunner().invoke(app, ["compare", str(out), f"default/{PROJECT}/{online_run.stored.id}"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert flat(f"cannot read the W&B run default/{PROJECT}/{online_run.stored.id}") in flat(result.output)
 
 
 def test_report_is_built_from_the_runs_and_a_refused_save_is_a_clear_error(wandb_online: Server,
