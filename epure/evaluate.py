@@ -435,8 +435,10 @@ def comparison_table(entries: list[tuple[str, dict[str, float | None]]], show_al
     return table
 
 
-COMPARED = [f"{PREFIX}/{name}" for name in ("cross_iou", "self_iou", "cross_dice", "self_dice")] + \
-    [f"{PREFIX}/uncond/{name}" for name in RATES]
+# The scores `compare --out` draws, with their short labels: all in [0, 1], higher is better.
+COMPARED = {f"{PREFIX}/cross_iou": "cross IoU", f"{PREFIX}/self_iou": "self IoU", f"{PREFIX}/cross_dice": "cross Dice",
+            f"{PREFIX}/self_dice": "self Dice", f"{PREFIX}/uncond/union_one_piece": "union in one piece",
+            f"{PREFIX}/uncond/all_one_piece": "all in one piece"}
 
 
 def comparison_picture(entries: list[tuple[str, dict[str, float | None]]],
@@ -453,7 +455,7 @@ def comparison_picture(entries: list[tuple[str, dict[str, float | None]]],
     series = [(label, [metrics.get(name) for name in COMPARED]) for label, (_, metrics) in zip(labels, entries)]
     pictures = [Image.open(path) if path is not None and path.is_file() else None for path in grids]
     samples = side_by_side(pictures, labels)
-    chart = bar_chart([name.removeprefix(f"{PREFIX}/") for name in COMPARED], series,
-                      "headline scores (IoU/Dice: completion of each component from the others and itself; "
-                      "one-piece shares of generated designs)", width=max(900, samples.width))
+    chart = bar_chart(list(COMPARED.values()), series, "headline scores (cross/self: a component completed "
+                      "from another one / from itself; one piece: share of generated designs)",
+                      width=max(1000, samples.width))
     return stack([chart, samples])

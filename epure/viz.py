@@ -111,7 +111,7 @@ def bar_chart(groups: list[str], series: list[tuple[str, list[float | None]]], t
             y = top + plot_h * (1 - min(max(value, 0.0), 1.0))
             draw.rectangle([x, y, x + bar - 3, top + plot_h], fill=tuple(int(c) for c in PALETTE[s % len(PALETTE)]))
             draw.text((x, y - 14), f"{value:.2f}", fill="black", font=_font(11))
-        draw.text((x0, top + plot_h + 8), name, fill="black", font=_font(13))
+        draw.text((left + (g + 0.5) * slot, top + plot_h + 8), name, fill="black", font=_font(13), anchor="ma")
     draw.line([left, top + plot_h, width - right, top + plot_h], fill="black")
     return image
 
