@@ -24,7 +24,7 @@ from epure.data.synth import write_synthetic_dataset
 from epure.tracking import (WandbTracker, build_report, parse_artifact_spec, summary_goal, summary_value,
                             training_run_info)
 from epure.train import train
-from wandb_records import OfflineRun, find_run_file
+from wandb_records import OfflineRun, find_run_file, find_run_files
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "wandb_sandbox")
 
@@ -83,7 +83,8 @@ def test_log_dataset_upload_adds_the_decoded_images_and_off_declares_nothing(dat
         tracker.start(run_dir, cfg)
         tracker.use_dataset(data, cfg.data)
         tracker.finish(0)
-    upload, off = (OfflineRun(f) for f in sorted(wandb_sandbox.glob("wandb/offline-run-*/run-*.wandb")))
+    runs = {r.config["wandb"]["log_dataset"]: r for r in map(OfflineRun, find_run_files(wandb_sandbox))}
+    upload, off = runs["upload"], runs["off"]  # (two runs started in the same second sort by their random id)
     (used,) = upload.artifacts
     sizes = {e.path: e.size for e in used.record.manifest.contents}
     assert sizes["decoded/train.npz"] == cache_path("train", data.train.fingerprint).stat().st_size
