@@ -76,7 +76,7 @@ def test_log_dataset_upload_adds_the_decoded_images_and_off_declares_nothing(dat
                                                                              wandb_sandbox: Path) -> None:
     for mode in ("upload", "off"):
         cfg = config_from_dict(tiny_tree(dataset, tmp_path / mode, log_dataset=mode))
-        data = load_data(cfg.data, seed=0)
+        data = load_data(cfg.data)
         run_dir = tmp_path / mode / "run"
         run_dir.mkdir(parents=True)
         tracker = WandbTracker(cfg.wandb, "offline")
