@@ -358,5 +358,7 @@ def test_cli_evaluate_logs_an_evaluation_run_to_wandb(trained, tmp_path, monkeyp
     summary = run.summary
     assert summary["eval/cross_iou"] == pytest.approx(stored["eval/cross_iou"])
     assert summary["eval/cross_iou/group_nc->fpu"] == pytest.approx(stored["eval/cross_iou/group_nc->fpu"])
+    for name in ("eval/diversity/pairwise_iou", "eval/real/memorised", "eval/diversity/completion_iou"):
+        assert summary[name] == pytest.approx(stored[name])
     assert {"eval/iou_matrix", "eval/dice_matrix"} <= set(run.tables)
     assert {"eval/completions", "eval/samples"} <= set(run.images)
