@@ -7,6 +7,7 @@ Imported by the two scripts as a sibling module (``python benchmarks/X.py`` puts
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -19,12 +20,13 @@ from rich.table import Table
 
 from epure.checkpoint import load_model
 from epure.config import Config, load_config
-from epure.data import DataBundle, Split, load_data
+from epure.data import DataBundle, Split, load_data, load_split, resolve_root
 from epure.evaluate import EvaluationOptions, evaluate, training_split
 from epure.metrics import binarize, iou
 from epure.neighbours import knn_completion
 from epure.train import train
 
+log = logging.getLogger(__name__)
 KNN_REFERENCE = 16  # neighbours averaged by the training-free completion reference
 DEFAULT_MINUTES = 40.0
 
@@ -96,7 +98,7 @@ class Outcome:
     minutes: float | None
     metrics: dict[str, dict[str, float]]  # completion rule (prior | aux) -> the evaluation's flat metrics
     test: Split  # the evaluated test designs
-    train: Split | None  # the model's training designs (the whole train split)
+    train: Split  # the benchmark data's whole train split, for the 16-NN reference
 
 
 def rules(choice: str) -> list[str]:
@@ -107,8 +109,9 @@ def rules(choice: str) -> list[str]:
 def train_and_evaluate(cfg: Config, data: DataBundle, run: Path | None, eval_limit: int,
                        use_mean: bool, cross_priors: list[str]) -> Outcome:
     """Train ``cfg`` (unless ``run`` names a finished run), then evaluate its last checkpoint on the first
-    ``eval_limit`` test designs, diversity included, once per completion rule in ``cross_priors`` (only
-    completions differ between them)."""
+    ``eval_limit`` test designs, diversity included (memorisation against the run's own training designs), once
+    per completion rule in ``cross_priors`` (only completions differ between them)."""
+    data_cfg = cfg.data
     steps = minutes = None
     if run is None:
         start = time.perf_counter()
@@ -116,11 +119,17 @@ def train_and_evaluate(cfg: Config, data: DataBundle, run: Path | None, eval_lim
         run, steps, minutes = result.run_dir, result.step, (time.perf_counter() - start) / 60
     loaded = load_model(run, prefer="last")
     steps = steps if steps is not None else loaded.meta.get("step")
+    if loaded.meta.get("data_fingerprint") not in (None, data.fingerprint):
+        log.warning("%s was trained on other data than this benchmark's (fingerprint %s, not %s): its "
+                    "memorisation is measured against its own training designs, which may hold test designs "
+                    "of this benchmark (built-in sets of one seed share their first designs)", run,
+                    loaded.meta.get("data_fingerprint"), data.fingerprint)
     test = data.test.subset(np.arange(min(eval_limit, len(data.test))))
     designs = training_split(loaded)
     metrics = {rule: evaluate(loaded, test, EvaluationOptions(bootstrap=0, use_mean=use_mean, cross_prior=rule),
                               designs).flat() for rule in cross_priors}
-    return Outcome(Path(run), steps, minutes, metrics, test, designs)
+    train_split = load_split(resolve_root(data_cfg), "train", data_cfg)
+    return Outcome(Path(run), steps, minutes, metrics, test, train_split)
 
 
 def knn_reference(train_split: Split, test: Split, k: int = KNN_REFERENCE) -> np.ndarray:

@@ -16,7 +16,9 @@ every pair at least the reference's, self IoU 0.97, one piece 0.99, width and he
 precision, recall, density and coverage 0.9 x their real-vs-real values, memorisation no higher than the
 real test designs'. The completions' unobserved private latents come from the prior p(w) (the paper's rule) or
 the auxiliary r(w): by default the one trained model is scored with both, one column each (only completions
-differ between them; ``--cross-prior prior|aux`` scores one). Everything goes to a JSON (``--out``).
+differ between them; ``--cross-prior prior|aux`` scores one). Everything goes to a JSON (``--out``). ``--run``
+only with runs trained on this set: built-in sets of one seed share their first designs, so a model trained on
+another size has seen some of these test designs (the script warns when the run's data fingerprint differs).
 """
 
 from __future__ import annotations
