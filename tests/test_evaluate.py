@@ -253,7 +253,14 @@ def test_one_model_scored_with_either_completion_rule(trained, tmp_path) -> None
     stored = evaluate(loaded, split, options)
     assert scored.info["cross_prior"] == stored.info["cross_prior"] == "aux"
     np.testing.assert_array_equal(scored.iou, stored.iou)
-    assert scored.uncond == stored.uncond
+    np.testing.assert_equal(scored.uncond, stored.uncond)  # NaN (an empty component's centre) equals NaN
+    np.testing.assert_equal(scored.diversity, stored.diversity)
+    # completion diversity draws its completions under the rule asked for too
+    first = split.subset(np.arange(6))
+    spread = {rule: completion_diversity(loaded, first, None, EvaluationOptions(cross_prior=rule))[0]
+              for rule in ("prior", "aux")}
+    assert spread["prior"]["completion_iou"] != spread["aux"]["completion_iou"]
+    assert spread["aux"]["completion_iou"] == scored.diversity["completion_iou"]
     with pytest.raises(EvaluationError, match="--cross-prior"):
         evaluate(loaded, split, EvaluationOptions(cross_prior="r"))
 
