@@ -22,12 +22,12 @@ from rich.table import Table
 from epure.checkpoint import load_model
 from epure.config import load_config
 from epure.data import load_data
-from epure.evaluate import EvaluationOptions, evaluate
+from epure.evaluate import EvaluationOptions, evaluate, training_split
 from epure.io import atomic_write_json
 from epure.train import train
 
 HEADLINE = ["cross_iou", "self_iou", "uncond/union_one_piece", "uncond/all_one_piece", "dims/width_mae",
-            "dims/height_mae"]
+            "dims/height_mae", "diversity/precision", "diversity/recall", "diversity/pairwise_iou"]
 
 
 def parse_variants(raw: list[list[str]]) -> dict[str, dict]:
@@ -63,7 +63,8 @@ def main() -> None:
         run = train(cfg, data=data)
         minutes = (time.perf_counter() - start) / 60
         loaded = load_model(run.run_dir, prefer="last")
-        metrics = evaluate(loaded, data.test, EvaluationOptions(limit=args.eval_limit, bootstrap=0)).flat()
+        options = EvaluationOptions(limit=args.eval_limit, bootstrap=0)
+        metrics = evaluate(loaded, data.test, options, training_split(loaded)).flat()
         results[name] = {"overrides": overrides, "steps": run.step, "minutes": round(minutes, 2),
                          "run_dir": str(run.run_dir), **{k: metrics[f"eval/{k}"] for k in HEADLINE}}
         console.print(f"{name}: {results[name]}")

@@ -13,32 +13,29 @@ shared latent and the observed component's private latent (the targets' private 
 references' definition asks); ``--sample-latents`` draws them instead. The targets' private latents come from
 the prior p(w) (``model.cross_prior: prior``, the paper's rule) or from the auxiliary r(w) (``aux``): by default
 the one trained model is scored with both rules, one column each (only completions differ between them). The
-last column measures the real test sections themselves: a model that copied the data exactly would score that.
+last column measures the real test sections themselves: a model that copied the data exactly would score that;
+on the diversity rows it is the real-vs-real value (a second half of the test sections measured like the model's
+designs, see docs/metrics.md). "16-NN (ours)" is this repository's training-free reference
+(``epure.neighbours``, the one ``synth_benchmark.py`` uses), beside the users' own 16-NN numbers. A step budget:
+``--set train.max_steps=N`` (then no time limit unless ``--minutes`` is given too).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import time
-from pathlib import Path
 
-import torch
-import yaml
 from rich.console import Console
-from rich.table import Table
 
-from epure.checkpoint import load_model
-from epure.config import load_config
 from epure.data import load_data
-from epure.evaluate import EvaluationOptions, evaluate
 from epure.io import atomic_write_text
-from epure.train import train
+
+from quality import (Row, arguments, budget_config, diversity_rows, knn_reference, render, rules, title,
+                     train_and_evaluate)
 
 SHORT = {"group_nc": "nc", "group_km": "km", "fpu": "fpu"}
 PAIRS = [("group_nc", "group_km"), ("group_nc", "fpu"), ("group_km", "group_nc"), ("group_km", "fpu"),
          ("fpu", "group_nc"), ("fpu", "group_km")]
+REFERENCE_COLUMNS = ("seed MMVAE+", "masked VAE", "16-NN")
 # metric -> (seed MMVAE+, masked VAE, 16-NN, goal), from the issue "Generation quality ..." (1,000 sections)
 REFERENCES = {
     "cross IoU (mean of 6)": (0.761, 0.744, 0.739, 0.78),
@@ -70,79 +67,44 @@ def real_row(metrics: dict[str, float]) -> dict[str, float]:
             "width error, px": metrics["eval/real/width_mae"], "height error, px": metrics["eval/real/height_mae"]}
 
 
-RULE_LABELS = {"prior": "epure, w from p(w)", "aux": "epure, w from r(w)"}
+def ours_knn(reference, components: list[str]) -> dict[str, float]:
+    """This repository's 16-NN reference (``epure.neighbours``) under the table's row names."""
+    index = {c: i for i, c in enumerate(components)}
+    pairs = {f"{SHORT[a]}->{SHORT[b]}": float(reference[index[a], index[b]]) for a, b in PAIRS}
+    return {"cross IoU (mean of 6)": sum(pairs.values()) / len(pairs), **pairs}
 
 
-def render(rows: dict[str, dict[str, float]], real: dict[str, float], title: str, sections: int) -> Table:
-    """One column per completion rule (``rows``: rule -> table row), then the goal, references and real data."""
-    table = Table(title=title)
-    for column in (f"metric ({sections:,} toy test sections)", *[RULE_LABELS[r] for r in rows], "goal",
-                   "seed MMVAE+", "masked VAE", "16-NN", "real sections"):
-        table.add_column(column, justify="left" if column.startswith("metric") else "right")
-    for name, (seed, masked, knn, goal) in REFERENCES.items():
-        ours = []
-        for row in rows.values():
-            met = row[name] <= goal if name in LOWER_IS_BETTER else row[name] >= goal
-            ours.append(f"[{'green' if met else 'red'}]{row[name]:.3f}[/]")
-        cells = [f"{v:.3f}" if v is not None else "—" for v in (seed, masked, knn, real.get(name))]
-        table.add_row(name, *ours, f"{goal:.3f}", *cells)
+def rows(metrics: dict[str, float], knn: dict[str, float]) -> list[Row]:
+    ours, real = our_row(metrics), real_row(metrics)
+    table = []
+    for name, (*references, goal) in REFERENCES.items():
+        columns = dict(zip(REFERENCE_COLUMNS, references))
+        table.append(Row(name, ours[name], goal, name in LOWER_IS_BETTER,
+                         {**columns, "16-NN (ours)": knn.get(name), "real": real.get(name)}))
+    for row in diversity_rows(metrics):
+        row.references = {"real": row.references["real vs real"]}
+        table.append(row)
     return table
 
 
-def parse_overrides(pairs: list[str]) -> dict:
-    overrides = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--set {pair!r}: expected KEY=VALUE, e.g. model.beta=1.0")
-        overrides[key] = yaml.safe_load(value)
-    return overrides
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="toy", help="builtin config name or YAML file (default: toy)")
-    parser.add_argument("--minutes", type=float, default=40.0, help="training budget, wall clock")
-    parser.add_argument("--max-steps", type=int, default=0, help="also stop after this many steps (0: no limit)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
-    parser.add_argument("--run", type=Path, help="evaluate this finished run instead of training")
-    parser.add_argument("--eval-limit", type=int, default=1000)
-    parser.add_argument("--sample-latents", action="store_true",
-                        help="complete from posterior samples instead of posterior means (the default)")
-    parser.add_argument("--cross-prior", choices=["prior", "aux", "both"], default="both",
-                        help="completion rule(s) to score the trained model with (default: both, one column each)")
-    parser.add_argument("--output-dir", default="outputs/toy_benchmark")
-    parser.add_argument("--out", type=Path, default=Path("outputs/toy_benchmark/results.json"))
-    args = parser.parse_args()
+    args = arguments(__doc__, config="toy", output_dir="outputs/toy_benchmark", eval_limit=1000).parse_args()
     console = Console(width=max(Console().width, 140))
-
-    cfg = load_config(args.config).updated({
-        "train.max_minutes": args.minutes, "train.max_steps": args.max_steps, "train.epochs": 100_000,
-        "train.output_dir": args.output_dir, "wandb.mode": "off", **parse_overrides(args.set)})
+    cfg = budget_config(args)
     data = load_data(cfg.data)
-    run_dir, steps, minutes = args.run, None, None
-    if run_dir is None:
-        start = time.perf_counter()
-        result = train(cfg, data=data)
-        run_dir, steps, minutes = result.run_dir, result.step, (time.perf_counter() - start) / 60
-    loaded = load_model(run_dir, prefer="last")
-    steps = steps if steps is not None else loaded.meta.get("step")
-    rules = ["prior", "aux"] if args.cross_prior == "both" else [args.cross_prior]
-    evaluations = {rule: EvaluationOptions(limit=args.eval_limit, bootstrap=0, use_mean=not args.sample_latents,
-                                           cross_prior=rule) for rule in rules}
-    metrics = {rule: evaluate(loaded, data.test, options).flat() for rule, options in evaluations.items()}
-    rows = {rule: our_row(values) for rule, values in metrics.items()}
-    real = real_row(metrics[rules[0]])
-    budget = f"{minutes:.1f} min, " if minutes is not None else ""
-    latents = "posterior samples" if args.sample_latents else "posterior means"
-    gpu = f"{torch.cuda.get_device_name()}, " if torch.cuda.is_available() else ""
-    title = (f"{args.config}: {budget}{steps} steps, {gpu}{len(os.sched_getaffinity(0))} CPUs, "
-             f"load average {os.getloadavg()[0]:.1f}; completions from {latents}; run {run_dir}")
-    console.print(render(rows, real, title, min(args.eval_limit, len(data.test))))
-    atomic_write_text(args.out, json.dumps({"run_dir": str(run_dir), "steps": steps, "minutes": minutes,
-                                            "config": cfg.to_dict(),
-                                            "options": {r: vars(o) for r, o in evaluations.items()},
-                                            "tables": rows, "real": real, "metrics": metrics}, indent=2, default=str))
+    use_mean = not args.sample_latents
+    outcome = train_and_evaluate(cfg, data, args.run, args.eval_limit, use_mean, rules(args.cross_prior))
+    knn = ours_knn(knn_reference(outcome.train, outcome.test), list(cfg.data.components))
+    tables = {rule: rows(metrics, knn) for rule, metrics in outcome.metrics.items()}
+    first = f"metric ({len(outcome.test):,} toy test sections)"
+    console.print(render(tables, [*REFERENCE_COLUMNS, "16-NN (ours)", "real"], title(args.config, outcome, use_mean),
+                         first))
+    atomic_write_text(args.out, json.dumps({"run_dir": str(outcome.run_dir), "steps": outcome.steps,
+                                            "minutes": outcome.minutes, "config": cfg.to_dict(),
+                                            "tables": {rule: {r.name: r.value for r in table}
+                                                       for rule, table in tables.items()},
+                                            "knn_ours": knn, "metrics": outcome.metrics}, indent=2, default=str))
+
 
 if __name__ == "__main__":
     main()

@@ -374,10 +374,13 @@ def evaluate_command(
     bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples for standard deviations (0: none).")] = 200,
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Generation batch size.")] = 200,
+    draws: Annotated[int, typer.Option(
+        "--draws", help="Completions per design for the completion diversity (0: not measured).")] = 8,
     out: Annotated[Optional[Path], typer.Option("--out", help="JSON file (default <run_dir>/eval/metrics.json).")] = None,
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | mps.")] = "auto",
 ) -> None:
-    """Evaluate a trained model on a test split: completion IoU/Dice, generated distributions, dimensions."""
+    """Evaluate a trained model on a test split: completion IoU/Dice, generated distributions, dimensions,
+    diversity and coverage (each beside the real designs' own values)."""
     from epure import evaluate as evaluation
     from epure import tracking
     from epure.checkpoint import CheckpointError, load_model
@@ -388,13 +391,13 @@ def evaluate_command(
         fail("give either --checkpoint RUN_DIR_OR_FILE or --artifact ENTITY/PROJECT/NAME:ALIAS")
     options = evaluation.EvaluationOptions(limit=limit, seed=seed, bootstrap=bootstrap, subsets=subsets,
                                            joint=joint_rule, use_mean=mean, cross_prior=cross_prior, ood=ood,
-                                           ood_margin=ood_margin, batch_size=batch_size)
+                                           ood_margin=ood_margin, batch_size=batch_size, draws=draws)
     try:
         options.check()
         source = tracking.resolve_artifact(artifact, project, entity) if artifact else checkpoint
         loaded = load_model(source, select_device(device))
         split = completion_split(loaded, data, limit)
-        result = evaluation.evaluate(loaded, split, options)
+        result = evaluation.evaluate(loaded, split, options, train=evaluation.training_split(loaded))
         result.info["data"] = str(data or loaded.config.data.root)
         written = evaluation.write_evaluation(result, loaded, split, out or evaluation.default_output(loaded))
     except (CheckpointError, DatasetError, ConfigError, TrainingError, SamplingError,

@@ -6,7 +6,10 @@ runs compare and log the same way:
 - component-conditioned generation: IoU and Dice of every component generated from each observed one (or set);
 - unconditional generation with the test conditions: distances between generated and real distributions
   of overlaps, centres of mass and piece counts, with bootstrap standard deviations;
-- dimension fidelity: width and height of the generated section against the requested ones.
+- dimension fidelity: width and height of the generated section against the requested ones;
+- diversity and coverage: k-NN precision, recall, density and coverage of the unconditional designs, how alike
+  they are, how close to the training designs, and how varied several completions of one design are, each
+  beside the same measured on a second real sample (the ceiling a perfect model would reach).
 
 Generation runs in batches without autograd, and every metric is one vectorised pass over a batch, so the
 time goes into the model's forward passes: M encoder and M^2 + M decoder passes per test example.
@@ -31,10 +34,13 @@ from rich.console import Console
 from rich.table import Table
 
 from epure.checkpoint import LoadedModel
-from epure.data import ConditionNormalizer, Split
+from epure.data import ConditionNormalizer, DatasetError, Split, load_split, resolve_root
 from epure.data.dimensions import measure_dimensions
 from epure.io import atomic_write_json
-from epure.metrics import binarize, bootstrap_std, centre_of_mass, dice, iou, piece_counts, wasserstein
+from epure.metrics import (binarize, bootstrap_std, centre_of_mass, component_descriptors, dice, iou,
+                           manifold_scores, mean_pairwise_iou, mean_pairwise_iou_within, nearest_iou, piece_counts,
+                           standardise, wasserstein)
+from epure.neighbours import nearest_designs
 from epure.sample import complete, cross_matrix_image, generate
 from epure.viz import composite, grid, save_png
 
@@ -47,6 +53,8 @@ DIMENSIONS = {"width_px": "width", "height_px": "height"}
 JOINT_RULES = ("mixture", "product")
 CROSS_PRIORS = ("prior", "aux")
 RATES = ("union_one_piece", "all_one_piece")  # shares of designs; every other distribution metric is a distance
+KNN = 5  # k of the k-NN manifolds, as Kynkaanniemi et al. (2019) and Naeem et al. (2020) recommend
+MEMORISED_IOU = 0.95  # a design this close to a training design counts as a copy of it
 
 
 class EvaluationError(ValueError):
@@ -67,6 +75,8 @@ class EvaluationOptions:
     ood: bool = False  # also measure dimension fidelity just outside the training range
     ood_margin: int = 6  # how many px beyond the training range the out-of-range requests go
     batch_size: int = 200  # larger batches measured no faster on CPU: their big buffers cost page faults
+    draws: int = 8  # completions per design for the completion diversity (0: not measured)
+    diversity_designs: int = 100  # the first N designs get ``draws`` completions from each observed component
 
     def check(self) -> None:
         """Reject settings that would fail late or silently mean nothing."""
@@ -82,6 +92,10 @@ class EvaluationOptions:
             raise EvaluationError(f"--ood-margin must be positive, got {self.ood_margin}")
         if self.batch_size <= 0:
             raise EvaluationError(f"--batch-size must be positive, got {self.batch_size}")
+        if self.draws < 0 or self.draws == 1:
+            raise EvaluationError(f"--draws must be 0 (off) or at least 2 completions to compare, got {self.draws}")
+        if self.diversity_designs <= 0:
+            raise EvaluationError(f"diversity_designs must be positive, got {self.diversity_designs}")
 
 
 @dataclass
@@ -97,6 +111,7 @@ class EvaluationResult:
     real: dict[str, float]  # the real data's piece rates and dimension errors, for reference
     dims: dict[str, float]  # e.g. "width_mae" on the test conditions
     dims_ood: dict[str, float] = field(default_factory=dict)  # the same, just outside the training range
+    diversity: dict[str, float] = field(default_factory=dict)  # precision, recall, ...; real vs real in ``real``
     info: dict[str, Any] = field(default_factory=dict)  # run, data, options, timings
 
     def headline(self) -> dict[str, float]:
@@ -115,7 +130,7 @@ class EvaluationResult:
                 out[f"{PREFIX}/cross_iou/{label}->{target}"] = float(self.iou[r, t])
                 out[f"{PREFIX}/dice/{label}->{target}"] = float(self.dice[r, t])
         for group, values in [("uncond", self.uncond), ("uncond_std", self.uncond_std), ("real", self.real),
-                              ("dims", self.dims), ("dims_ood", self.dims_ood)]:
+                              ("dims", self.dims), ("dims_ood", self.dims_ood), ("diversity", self.diversity)]:
             out.update({f"{PREFIX}/{group}/{k}": float(v) for k, v in values.items()})
         return out
 
@@ -137,8 +152,13 @@ def _nan_to_none(value: Any) -> Any:
 # --------------------------------------------------------------------------------------------- evaluation
 
 
-def evaluate(loaded: LoadedModel, split: Split, options: EvaluationOptions | None = None) -> EvaluationResult:
-    """Evaluate ``loaded`` on ``split`` (whose components must be the model's)."""
+def evaluate(loaded: LoadedModel, split: Split, options: EvaluationOptions | None = None,
+             train: Split | None = None) -> EvaluationResult:
+    """Evaluate ``loaded`` on ``split`` (whose components must be the model's).
+
+    ``train``: the model's training designs, for the memorisation shares and the real spread of completions
+    (left out when None).
+    """
     options = options or EvaluationOptions()
     options.check()
     if list(split.components) != list(loaded.components):
@@ -167,6 +187,16 @@ def evaluate(loaded: LoadedModel, split: Split, options: EvaluationOptions | Non
         log.info("unconditional generation %.1f s, its metrics %.1f s", timings["unconditional"],
                  timings["distribution_metrics"])
 
+        clock = time.perf_counter()
+        train_masks = binarize(train.images) if train is not None else None
+        diversity, real_diversity = diversity_scores(generated, binarize(split.images), train_masks, options.seed)
+        spread, real_spread = completion_diversity(fast, split, train, options)
+        diversity.update(spread)
+        real.update(real_diversity)
+        real.update(real_spread)
+        timings["diversity"] = time.perf_counter() - clock
+        log.info("diversity metrics %.1f s", timings["diversity"])
+
         dims_ood: dict[str, float] = {}
         ood_values: dict[str, list[float]] = {}
         if options.ood:
@@ -181,12 +211,13 @@ def evaluate(loaded: LoadedModel, split: Split, options: EvaluationOptions | Non
     timings["total"] = time.perf_counter() - begin
     info = {"run": loaded.run_name, "checkpoint": str(loaded.path), "step": loaded.meta.get("step"),
             "epoch": loaded.meta.get("epoch"), "examples": len(split), "data_fingerprint": split.fingerprint,
+            "train_designs": len(train) if train is not None else None,
             "options": dataclasses.asdict(options), "ood_values": ood_values,
             "cross_prior": options.cross_prior or loaded.config.model.cross_prior,
             "seconds": {k: round(v, 3) for k, v in timings.items()}}
     labels = ["+".join(loaded.components[i] for i in s) for s in observed_sets]
     return EvaluationResult(list(loaded.components), labels, iou_matrix, dice_matrix, uncond, uncond_std, real,
-                            dims, dims_ood, info)
+                            dims, dims_ood, diversity, info)
 
 
 def _inference_copy(loaded: LoadedModel) -> LoadedModel:
@@ -263,6 +294,85 @@ def distribution_scores(generated: np.ndarray, real: np.ndarray, components: lis
     stds = {name: bootstrap_std(stat, len(generated), n_boot, seed) for name, stat in statistics.items()} \
         if n_boot else {}
     return metrics, stds, {name: float(truth[name].mean()) for name in RATES}
+
+
+def halves(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two disjoint, equally large random halves (reference, query) of ``n`` examples, each sorted."""
+    order = np.random.default_rng([seed, 2]).permutation(n)
+    return np.sort(order[: n // 2]), np.sort(order[n // 2: 2 * (n // 2)])
+
+
+def diversity_scores(generated: np.ndarray, real: np.ndarray, train: np.ndarray | None,
+                     seed: int) -> tuple[dict[str, float], dict[str, float]]:
+    """(model, real vs real) diversity metrics of bool designs [N, M, H, W]; generated[i] has real[i]'s conditions.
+
+    The test designs split into a reference half and a query half. The model's designs drawn with the query
+    half's conditions and the query half's real designs are each measured against the reference half, so the
+    real values are what a perfect model would score. ``train`` (bool designs) adds the memorisation shares.
+    """
+    reference, query = halves(len(real), seed)
+    model: dict[str, float] = {}
+    ceiling: dict[str, float] = {}
+    if len(reference) > KNN:
+        ref, fake, again = standardise(*(component_descriptors(d) for d in (real[reference], generated[query],
+                                                                             real[query])))
+        model.update(manifold_scores(ref, fake, KNN))
+        ceiling.update(manifold_scores(ref, again, KNN))
+    else:
+        log.warning("precision, recall, density and coverage need more than %d designs in each half of the test "
+                    "designs, got %d: not measured", KNN, len(reference))
+        for out in (model, ceiling):
+            out.update(dict.fromkeys(("precision", "recall", "density", "coverage"), float("nan")))
+    model["pairwise_iou"] = mean_pairwise_iou(generated[query])
+    ceiling["pairwise_iou"] = mean_pairwise_iou(real[query])
+    if train is not None:
+        for out, designs in ((model, generated[query]), (ceiling, real[query])):
+            nearest = nearest_iou(designs, train)
+            out["nearest_train_iou"] = float(nearest.mean()) if len(nearest) else float("nan")
+            out["memorised"] = float((nearest >= MEMORISED_IOU).mean()) if len(nearest) else float("nan")
+    return model, ceiling
+
+
+def completion_diversity(loaded: LoadedModel, split: Split, train: Split | None,
+                         options: EvaluationOptions) -> tuple[dict[str, float], dict[str, float]]:
+    """(model, real) mean pairwise IoU among ``options.draws`` completions of the unobserved components of
+    each of the first ``options.diversity_designs`` designs, per observed component and their mean.
+
+    The real counterpart: the unobserved components of the ``draws`` training designs nearest to the design
+    in the observed component and the conditions, the spread of real designs that look alike there.
+    """
+    if options.draws < 2:
+        return {}, {}
+    count, draws, m = min(options.diversity_designs, len(split)), options.draws, len(loaded.components)
+    images, conditions = split.images[:count], split.conditions[:count]
+    repeated, repeated_c = np.repeat(images, draws, axis=0), np.repeat(conditions, draws, axis=0)
+    model: dict[str, float] = {}
+    real: dict[str, float] = {}
+    for o, name in enumerate(loaded.components):
+        others = [t for t in range(m) if t != o]
+        made = np.concatenate([binarize(b)[:, others] for b in complete(
+            loaded, repeated, repeated_c, [o], options.joint, options.use_mean, options.batch_size, options.seed,
+            options.cross_prior)])
+        model[f"completion_iou/{name}"] = mean_pairwise_iou_within(made.reshape(count, draws, *made.shape[1:]))
+        if train is not None and len(train) >= draws:
+            index = nearest_designs(train.images, train.conditions, images, conditions, [o], draws)
+            real[f"completion_iou/{name}"] = mean_pairwise_iou_within(binarize(train.images[index][:, :, others]))
+    for out in (model, real):
+        if out:
+            out["completion_iou"] = float(np.mean(list(out.values())))
+    return model, real
+
+
+def training_split(loaded: LoadedModel) -> Split | None:
+    """The model's training designs (its data's whole train split), or None with a warning when they
+    cannot be loaded: memorisation is then left out, the rest of the evaluation goes on."""
+    cfg = loaded.config.data
+    try:
+        return load_split(resolve_root(cfg), "train", cfg)
+    except (DatasetError, OSError) as err:
+        log.warning("the training designs cannot be loaded (%s): the memorisation shares and the real spread of "
+                    "completions are left out", err)
+        return None
 
 
 def dimension_errors(generated: np.ndarray, raw_conditions: np.ndarray, columns: list[str]) -> dict[str, float]:
@@ -385,6 +495,8 @@ def render_tables(result: EvaluationResult, console: Console) -> None:
         table.add_row(f"{PREFIX}/dims/{name}", _fmt(value, 2), "", _fmt(result.real.get(name), 2))
     for name, value in result.dims_ood.items():
         table.add_row(f"{PREFIX}/dims_ood/{name}", _fmt(value, 2), "", "")
+    for name, value in result.diversity.items():
+        table.add_row(f"{PREFIX}/diversity/{name}", _fmt(value), "", _fmt(result.real.get(name)))
     console.print(table)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-from scipy import ndimage, stats
+from scipy import ndimage, spatial, stats
 
 # 4-connectivity inside each image of a stack [N, H, W], never across images.
 _STACKED_CROSS = np.zeros((3, 3, 3), dtype=bool)
@@ -96,3 +96,128 @@ def bootstrap_std(statistic: Callable[[np.ndarray], float], n: int, n_boot: int 
     values = np.array([statistic(rng.integers(0, n, n)) for _ in range(n_boot)], dtype=np.float64)
     values = values[np.isfinite(values)]
     return float(values.std(ddof=1)) if len(values) >= 2 else float("nan")
+
+
+# ------------------------------------------------------------------------------ diversity and coverage
+
+DESCRIPTORS = ("area", "com_y", "com_x", "top", "bottom", "left", "right", "thickness")
+
+
+def component_descriptors(masks: np.ndarray) -> np.ndarray:
+    """Eight numbers per component of each design: bool ``[N, M, H, W]`` -> float ``[N, M * 8]``.
+
+    Per component, in ``DESCRIPTORS`` order: area (px), centre of mass (row, column), first and last occupied
+    row, leftmost and rightmost occupied column, and mean thickness, 2 x area / perimeter (a band of
+    thickness t and length L >> t has area L t and perimeter about 2 L; a one-pixel line scores about 1).
+    An empty component has area and thickness 0 and sits at row and column -1, outside the grid: nowhere.
+    """
+    masks = np.asarray(masks, dtype=bool)
+    n, m, h, w = masks.shape
+    area = masks.sum(axis=(-2, -1)).astype(np.float64)
+    com = centre_of_mass(masks)
+    rows, cols = masks.any(axis=-1), masks.any(axis=-2)  # [N, M, H], [N, M, W]
+    top = rows.argmax(axis=-1).astype(np.float64)
+    bottom = (h - 1 - rows[..., ::-1].argmax(axis=-1)).astype(np.float64)
+    left = cols.argmax(axis=-1).astype(np.float64)
+    right = (w - 1 - cols[..., ::-1].argmax(axis=-1)).astype(np.float64)
+    padded = np.pad(masks, [(0, 0), (0, 0), (1, 1), (1, 1)])
+    perimeter = (np.diff(padded, axis=-2) != 0).sum(axis=(-2, -1)) + (np.diff(padded, axis=-1) != 0).sum(axis=(-2, -1))
+    thickness = 2.0 * area / np.maximum(perimeter, 1)
+    empty = area == 0
+    positions = [np.where(empty, -1.0, v) for v in (com[..., 0], com[..., 1], top, bottom, left, right)]
+    features = np.stack([area, *positions, thickness], axis=-1)  # [N, M, 8]
+    return features.reshape(n, m * len(DESCRIPTORS))
+
+
+def standardise(reference: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
+    """Every feature matrix scaled by the reference's per-column mean and standard deviation.
+
+    A column that is constant in the reference keeps unit scale, so a difference there still counts.
+    """
+    mean = reference.mean(axis=0)
+    std = reference.std(axis=0)
+    std = np.where(std > 1e-9, std, 1.0)
+    return [(x - mean) / std for x in (reference, *others)]
+
+
+def _distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return spatial.distance.cdist(np.asarray(a, np.float64), np.asarray(b, np.float64))
+
+
+def knn_radii(features: np.ndarray, k: int) -> np.ndarray:
+    """Distance of each point to its k-th nearest other point of the same set (the point itself excluded)."""
+    if not 0 < k < len(features):
+        raise ValueError(f"k-NN radii need 0 < k < the number of points, got k={k} for {len(features)} points")
+    d = _distances(features, features)
+    np.fill_diagonal(d, np.inf)
+    return np.partition(d, k - 1, axis=1)[:, k - 1]
+
+
+def manifold_scores(real: np.ndarray, fake: np.ndarray, k: int = 5) -> dict[str, float]:
+    """Precision and recall of k-NN manifolds (Kynkaanniemi et al. 2019) and density and coverage
+    (Naeem et al. 2020) of feature rows ``fake`` [F, D] against ``real`` [R, D].
+
+    The manifold of a set is the union of balls around its points, each as wide as the point's distance to
+    its k-th nearest neighbour in the set. precision: share of fake points inside the real manifold;
+    recall: share of real points inside the fake manifold; density: real balls that hold a fake point,
+    counted with multiplicity, per fake point and per k (about 1 when fake and real are alike, above 1 where
+    fakes crowd where real points are dense); coverage: share of real points whose own ball holds a fake one.
+    """
+    real_radii, fake_radii = knn_radii(real, k), knn_radii(fake, k)
+    d = _distances(fake, real)  # [F, R]
+    inside_real = d <= real_radii[None, :]
+    return {"precision": float(inside_real.any(axis=1).mean()),
+            "recall": float((d <= fake_radii[:, None]).any(axis=0).mean()),
+            "density": float(inside_real.sum() / (k * len(fake))),
+            "coverage": float((d.min(axis=0) <= real_radii).mean())}
+
+
+def design_iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of every design of ``a`` with every design of ``b``, both bool [N, M, H, W] -> [len(a), len(b)].
+
+    The design is one mask over all its components (a pixel of the carcass only matches a carcass pixel):
+    intersections and unions are summed over the components. Two empty designs have IoU 1. Computed as a
+    matrix product on the pixels that are occupied in at least one design, which is where the time goes.
+    """
+    a = np.asarray(a, dtype=bool).reshape(len(a), -1)
+    b = np.asarray(b, dtype=bool).reshape(len(b), -1)
+    used = a.any(axis=0) | b.any(axis=0)
+    fa, fb = a[:, used].astype(np.float32), b[:, used].astype(np.float32)
+    inter = (fa @ fb.T).astype(np.float64)  # exact: counts stay far below float32's 2**24
+    union = fa.sum(1, dtype=np.float64)[:, None] + fb.sum(1, dtype=np.float64)[None, :] - inter
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+
+
+def nearest_iou(queries: np.ndarray, references: np.ndarray, chunk: int = 512) -> np.ndarray:
+    """For each design of ``queries``, its largest design IoU with any design of ``references`` -> [N]."""
+    if len(references) == 0:
+        raise ValueError("nearest_iou needs at least one reference design")
+    return np.concatenate([design_iou_matrix(queries[i: i + chunk], references).max(axis=1)
+                           for i in range(0, len(queries), chunk)]) if len(queries) else np.zeros(0)
+
+
+def mean_pairwise_iou(designs: np.ndarray) -> float:
+    """Mean design IoU over every pair of distinct designs of bool [N, M, H, W]; 1 would be N copies of one."""
+    n = len(designs)
+    if n < 2:
+        return float("nan")
+    matrix = design_iou_matrix(designs, designs)
+    return float(matrix[np.triu_indices(n, k=1)].mean())
+
+
+def mean_pairwise_iou_within(groups: np.ndarray) -> float:
+    """Mean over groups of the mean design IoU among each group's members: bool [G, S, M, H, W], S >= 2.
+
+    The diversity of several completions of one design: 1 when every completion is the same.
+    """
+    groups = np.asarray(groups, dtype=bool)
+    g, s = groups.shape[:2]
+    if s < 2 or g == 0:
+        return float("nan")
+    flat = groups.reshape(g, s, -1).astype(np.float32)
+    inter = (flat @ flat.transpose(0, 2, 1)).astype(np.float64)
+    sizes = np.diagonal(inter, axis1=1, axis2=2)
+    union = sizes[:, :, None] + sizes[:, None, :] - inter
+    pair_iou = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+    upper = np.triu_indices(s, k=1)
+    return float(pair_iou[:, upper[0], upper[1]].mean())

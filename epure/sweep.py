@@ -485,7 +485,8 @@ class _TrialRunner:
         from epure.evaluate import PREFIX, EvaluationOptions, evaluate
 
         loaded = load_model(source, select_device(cfg.train.device))
-        options = EvaluationOptions(limit=self.spec.eval_limit, seed=cfg.train.seed, bootstrap=0)
+        # no completion diversity: its 8 draws per design would cost more than the rest of the scoring
+        options = EvaluationOptions(limit=self.spec.eval_limit, seed=cfg.train.seed, bootstrap=0, draws=0)
         flat = evaluate(loaded, data.val, options).flat()
         return {f"val/{k.removeprefix(PREFIX + '/')}": v for k, v in flat.items()}
 

@@ -84,12 +84,16 @@ def server_call(call: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) ->
 def summary_goal(key: str) -> str | None:
     """The run summary a dashboard wants for a ``val/*`` or ``eval/*`` key: the best value over the run.
 
-    ``min`` for losses, errors and distances (``*_mae``, the Wasserstein ``w_*``), ``max`` for IoU and Dice;
-    None (W&B's default, the last value) for shares and spreads, where neither end is better.
+    ``min`` for losses, errors and distances (``*_mae``, the Wasserstein ``w_*``), ``max`` for IoU and Dice
+    and for the diversity precision, recall and coverage; None (W&B's default, the last value) for shares,
+    spreads and overlaps among designs (pairwise IoU is best when it matches the real designs', not at an end),
+    and for the real-vs-real references.
     """
-    if not key.startswith(("val/", "eval/")) or "_std/" in key:
-        return None
+    if not key.startswith(("val/", "eval/")) or "_std/" in key or key.startswith("eval/real/"):
+        return None  # real-vs-real values are the data's own, not the model's to improve
     leaf = key.split("/", 1)[1]
+    if leaf.startswith("diversity/"):  # coverage of the real designs: higher is better; overlaps: match the data
+        return "max" if leaf.split("/")[1] in ("precision", "recall", "coverage") else None
     if "loss" in leaf or leaf.endswith("_mae") or leaf.startswith("uncond/w_"):
         return "min"
     if "iou" in leaf or "dice" in leaf:
@@ -159,6 +163,12 @@ def _guarded(method):
 def _json_safe(values: dict[str, Any]) -> dict[str, Any]:
     """NaN/inf are not JSON: W&B metadata gets None instead (e.g. an epoch without validation)."""
     return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in values.items()}
+
+
+def _measured(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Metrics without NaN/inf: a value that could not be measured (k-NN recall on 6 designs) is left out of
+    the history rather than charted as a number (W&B turns a null into a 0 summary; servers may refuse NaN)."""
+    return {k: v for k, v in metrics.items() if not (isinstance(v, float) and not math.isfinite(v))}
 
 
 def quiet_settings() -> Any:
@@ -237,6 +247,7 @@ class WandbTracker:
     @_guarded
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if self.run is not None:
+            metrics = _measured(metrics)
             define_summaries(self.run, metrics, self._defined)
             self.run.log(metrics, step=step)
 
@@ -630,8 +641,9 @@ def log_evaluation(metrics: dict[str, float], tables: dict[str, tuple[list[str],
                          name=f"eval-{name}" if name else None, group=settings.group or name,
                          tags=settings.tags or None, config=config,
                          dir=os.environ.get("WANDB_DIR") or str(cache_root()), settings=quiet_settings())
-        define_summaries(run, metrics, set())
-        logged: dict[str, Any] = dict(_json_safe(metrics))
+        measured = _measured(metrics)
+        define_summaries(run, measured, set())
+        logged: dict[str, Any] = dict(measured)
         logged.update({key: wandb.Table(columns=columns, data=rows) for key, (columns, rows) in tables.items()})
         logged.update({key: wandb.Image(image) for key, image in images.items()})
         run.log(logged)
@@ -661,7 +673,7 @@ def _update_training_summary(entity: str | None, project: str, run_id: str, metr
     path = "/".join(filter(None, (entity, project, run_id)))
     try:
         run = wandb.Api().run(path)
-        run.summary.update(_json_safe(metrics))
+        run.summary.update(_measured(metrics))
     except Exception as err:
         log.warning("could not add the evaluation to the training run %s (%s: %s)", path, type(err).__name__, err)
 

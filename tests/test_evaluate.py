@@ -15,9 +15,10 @@ from typer.testing import CliRunner
 from epure.checkpoint import load_model
 from epure.cli import app
 from epure.data import ConditionNormalizer, load_split
-from epure.evaluate import (EvaluationError, EvaluationOptions, _inference_copy, achievable_dimensions,
-                            comparison_table, dimension_errors, distribution_scores, evaluate, load_evaluation,
-                            ood_conditions, render_tables, write_evaluation)
+from epure.evaluate import (KNN, EvaluationError, EvaluationOptions, _inference_copy, achievable_dimensions,
+                            comparison_table, completion_diversity, dimension_errors, distribution_scores,
+                            diversity_scores, evaluate, halves, load_evaluation, ood_conditions, render_tables,
+                            training_split, write_evaluation)
 from epure.metrics import binarize, dice, iou
 from epure.sample import complete
 from epure.train import train
@@ -32,11 +33,12 @@ TINY_MODEL = {"model.nf": 4, "model.nf_max": 8, "model.latent_dim_w": 2, "model.
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """(run directory, test split) of a tiny model trained for 3 steps on 40 synthetic designs, 3 components."""
+    """(run directory, test split) of a tiny model trained for 3 steps on 70 synthetic designs (14 of them
+    test: two halves of 7, enough for k-NN manifolds of k = 5), 3 components."""
     base = tmp_path_factory.mktemp("evaluate")
     with pytest.MonkeyPatch.context() as patch:  # module scope runs before the per-test cache fixture
         patch.setenv("EPURE_CACHE_DIR", str(base / "cache"))
-        root = synthetic_dataset(base / "data", n=40)
+        root = synthetic_dataset(base / "data", n=70)
         cfg = tiny_config(root, base / "out", TOY_COMPONENTS, **TINY_MODEL)
         torch.manual_seed(0)
         run_dir = train(cfg).run_dir
@@ -47,7 +49,8 @@ def trained(tmp_path_factory):
 def test_evaluate_end_to_end(trained) -> None:
     run_dir, split = trained
     loaded = load_model(run_dir)
-    result = evaluate(loaded, split, EvaluationOptions(subsets=True, ood=True, bootstrap=20))
+    train_split = training_split(loaded)
+    result = evaluate(loaded, split, EvaluationOptions(subsets=True, ood=True, bootstrap=20, draws=3), train_split)
     m = len(TOY_COMPONENTS)
     assert result.observed == [*TOY_COMPONENTS, "group_nc+group_km", "group_nc+fpu", "group_km+fpu",
                                "group_nc+group_km+fpu"]
@@ -77,6 +80,16 @@ def test_evaluate_end_to_end(trained) -> None:
     assert result.dims_ood and all(v >= 0 for v in result.dims_ood.values())
     assert result.info["examples"] == len(split)
     assert result.info["seconds"]["total"] > 0
+
+    assert result.info["train_designs"] == len(train_split) == 56
+    shares = ["precision", "recall", "coverage", "pairwise_iou", "nearest_train_iou", "memorised",
+              *(f"completion_iou/{c}" for c in TOY_COMPONENTS), "completion_iou"]
+    for name in shares:  # the model's values and, under eval/real/, the real designs' own
+        assert 0 <= flat[f"eval/diversity/{name}"] <= 1 and 0 <= flat[f"eval/real/{name}"] <= 1, name
+    assert flat["eval/diversity/density"] >= 0 and flat["eval/real/density"] >= 0
+    assert flat["eval/real/memorised"] == 0.0  # synthetic test designs are no copies of training ones
+    assert flat["eval/diversity/completion_iou"] == pytest.approx(
+        np.mean([flat[f"eval/diversity/completion_iou/{c}"] for c in TOY_COMPONENTS]))
 
 
 def test_batches_add_up_to_the_whole(trained) -> None:
@@ -115,6 +128,55 @@ def test_ground_truth_against_itself_is_perfect(trained) -> None:
     assert len(distances) == 3 + 2 * 3 + 1 and all(v == 0 for v in distances.values())
     assert all(stds[k] == 0 for k in distances)  # resampled in pairs, so every resample matches too
     assert {k: metrics[k] for k in real_rates} == real_rates
+
+
+def test_halves_are_disjoint_and_equal() -> None:
+    reference, query = halves(15, seed=3)
+    assert len(reference) == len(query) == 7 and not set(reference) & set(query)
+    assert (np.diff(reference) > 0).all() and (np.diff(query) > 0).all()
+    assert [a.tolist() for a in halves(15, seed=3)] == [reference.tolist(), query.tolist()]
+
+
+def test_diversity_of_perfect_copies_repeats_and_training_designs(tmp_path) -> None:
+    """Known answers: generated = real reaches exactly the real-vs-real values; one repeated design has
+    recall near 0 and pairwise IoU 1; designs copied from the training set are all memorised."""
+    root = synthetic_dataset(tmp_path / "data", n=120)
+    cfg = tiny_config(root, tmp_path / "out", TOY_COMPONENTS)
+    train_masks = binarize(load_split(root, "train", cfg.data).images)
+    real = binarize(load_split(root, "test", cfg.data).images)
+    assert len(real) == 24 and len(train_masks) == 96
+    model, ceiling = diversity_scores(real.copy(), real, train_masks, seed=0)
+    assert model == ceiling
+    assert ceiling["memorised"] == 0.0 and 0 < ceiling["nearest_train_iou"] < 0.95
+    assert 0 < ceiling["pairwise_iou"] < 0.6  # real designs differ from one another
+    repeated, _ = diversity_scores(np.repeat(real[:1], len(real), axis=0), real, None, seed=0)
+    assert repeated["recall"] <= 1 / 12 and repeated["coverage"] <= 0.5 and repeated["pairwise_iou"] == 1.0
+    assert "memorised" not in repeated  # no training designs given
+    copied, _ = diversity_scores(train_masks[: len(real)], real, train_masks, seed=0)
+    assert copied["memorised"] == 1.0 and copied["nearest_train_iou"] == 1.0
+    few, few_real = diversity_scores(real[: 2 * KNN], real[: 2 * KNN], None, seed=0)
+    assert math.isnan(few["precision"]) and math.isnan(few_real["recall"])  # halves of 5: k = 5 impossible
+    assert few["pairwise_iou"] == few_real["pairwise_iou"]
+
+
+def test_completion_diversity_of_a_model_and_of_real_neighbours(trained) -> None:
+    run_dir, split = trained
+    loaded = load_model(run_dir)
+    train_split = training_split(loaded)
+    options = EvaluationOptions(draws=4, diversity_designs=5)
+    model, real = completion_diversity(loaded, split, train_split, options)
+    assert set(model) == set(real) == {*(f"completion_iou/{c}" for c in TOY_COMPONENTS), "completion_iou"}
+    assert all(0 <= v <= 1 for v in (*model.values(), *real.values()))
+    # the real spread is the pairwise IoU among the unobserved parts of the 4 nearest training designs
+    from epure.metrics import mean_pairwise_iou_within
+    from epure.neighbours import nearest_designs
+    index = nearest_designs(train_split.images, train_split.conditions, split.images[:5], split.conditions[:5],
+                            [0], 4)
+    assert real["completion_iou/group_nc"] == pytest.approx(
+        mean_pairwise_iou_within(binarize(train_split.images[index][:, :, 1:])))
+    assert completion_diversity(loaded, split, train_split, EvaluationOptions(draws=0)) == ({}, {})
+    model_only, nothing = completion_diversity(loaded, split, None, options)
+    assert model_only == model and nothing == {}  # same seed, same draws; no training designs, no real spread
 
 
 def test_dimension_errors_follow_the_column_names() -> None:
@@ -166,6 +228,8 @@ def test_options_and_components_are_checked(trained) -> None:
         evaluate(loaded, split, EvaluationOptions(joint="sum"))
     with pytest.raises(EvaluationError, match="--limit"):
         evaluate(loaded, split, EvaluationOptions(limit=0))
+    with pytest.raises(EvaluationError, match="--draws"):
+        evaluate(loaded, split, EvaluationOptions(draws=1))
     loaded.components = ["group_nc", "fpu", "group_km"]
     with pytest.raises(EvaluationError, match="components"):
         evaluate(loaded, split, EvaluationOptions())
@@ -189,7 +253,14 @@ def test_one_model_scored_with_either_completion_rule(trained, tmp_path) -> None
     stored = evaluate(loaded, split, options)
     assert scored.info["cross_prior"] == stored.info["cross_prior"] == "aux"
     np.testing.assert_array_equal(scored.iou, stored.iou)
-    assert scored.uncond == stored.uncond
+    np.testing.assert_equal(scored.uncond, stored.uncond)  # NaN (an empty component's centre) equals NaN
+    np.testing.assert_equal(scored.diversity, stored.diversity)
+    # completion diversity draws its completions under the rule asked for too
+    first = split.subset(np.arange(6))
+    spread = {rule: completion_diversity(loaded, first, None, EvaluationOptions(cross_prior=rule))[0]
+              for rule in ("prior", "aux")}
+    assert spread["prior"]["completion_iou"] != spread["aux"]["completion_iou"]
+    assert spread["aux"]["completion_iou"] == scored.diversity["completion_iou"]
     with pytest.raises(EvaluationError, match="--cross-prior"):
         evaluate(loaded, split, EvaluationOptions(cross_prior="r"))
 
@@ -218,7 +289,7 @@ def test_json_and_tables(trained, tmp_path) -> None:
     console = Console(record=True, width=200)
     render_tables(result, console)
     text = console.export_text()
-    assert "eval/cross_iou" in text and "eval/uncond/w_com_y/fpu" in text
+    assert "eval/cross_iou" in text and "eval/uncond/w_com_y/fpu" in text and "eval/diversity/recall" in text
     assert "group_nc+group_km+fpu" not in text  # no subset rows without --subsets
 
 
@@ -244,7 +315,7 @@ def test_cli_evaluate_and_compare(trained, tmp_path) -> None:
                               "--device", "cpu"])
     assert res.exit_code == 0, res.output
     default = run_dir / "eval" / "metrics.json"
-    assert json.loads(default.read_text())["info"]["examples"] == 8  # the test split has 8 designs
+    assert json.loads(default.read_text())["info"]["examples"] == 10  # --limit 10 of the 14 test designs
     assert (run_dir / "eval" / "metrics_completions.png").is_file()
     assert "eval/cross_iou" in res.output
 
@@ -298,7 +369,11 @@ def test_cli_evaluate_logs_an_evaluation_run_to_wandb(trained, tmp_path, monkeyp
     assert summary["eval/dims/width_mae/min"] == pytest.approx(stored["eval/dims/width_mae"])
     assert summary["eval/uncond/union_one_piece"] == pytest.approx(stored["eval/uncond/union_one_piece"])
     goals = {m.name: [f for f in ("min", "max") if getattr(m.summary, f)] for m in run.records_of("metric")}
-    assert goals["eval/cross_dice"] == ["max"] and goals["eval/uncond/w_com_y/fpu"] == ["min"]
+    assert goals["eval/cross_dice"] == ["max"] and goals["eval/dims/height_mae"] == ["min"]
     assert "eval/uncond/union_one_piece" not in goals  # a share: neither end is better
     assert {"eval/iou_matrix", "eval/dice_matrix", "eval/completion"} <= set(run.tables)
+    for name in ("eval/diversity/pairwise_iou", "eval/real/memorised", "eval/diversity/completion_iou"):
+        assert summary[name] == pytest.approx(stored[name])  # spreads and shares: the plain last value
+    # 6 designs are too few for k-NN recall: null in the JSON, and left out of W&B rather than logged as 0
+    assert stored["eval/diversity/recall"] is None and not any("diversity/recall" in k for k in summary)
     assert {"eval/completions", "eval/samples"} <= set(run.images)

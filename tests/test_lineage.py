@@ -96,7 +96,9 @@ def test_log_dataset_upload_adds_the_decoded_images_and_off_declares_nothing(dat
     ("val/loss", "min"), ("val/cross_iou", "max"), ("eval/self_dice", "max"), ("eval/cross_iou/bt->fpu", "max"),
     ("eval/dims/width_mae", "min"), ("eval/dims_ood/height_mae", "min"), ("eval/uncond/w_overlap_iou/bt+fpu", "min"),
     ("val/uncond/w_com_y/tpc", "min"), ("eval/uncond/union_one_piece", None), ("eval/uncond_std/w_com_x/bt", None),
-    ("train/loss", None), ("best_val_loss", None)])
+    ("train/loss", None), ("best_val_loss", None), ("eval/diversity/recall", "max"),
+    ("eval/diversity/coverage", "max"), ("eval/diversity/pairwise_iou", None), ("eval/diversity/memorised", None),
+    ("eval/diversity/completion_iou/bt", None), ("eval/real/precision", None), ("eval/real/pairwise_iou", None)])
 def test_summary_goal(key: str, goal: str | None) -> None:
     assert summary_goal(key) == goal
 

@@ -92,3 +92,125 @@ def test_bootstrap_std_of_a_mean_is_its_standard_error() -> None:
         bootstrap_std(lambda idx: sample[idx].mean(), len(sample), n_boot=50, seed=7)
     assert bootstrap_std(lambda idx: 1.0, 10, n_boot=50) == 0.0
     assert np.isnan(bootstrap_std(lambda idx: 1.0, 10, n_boot=1))
+
+
+# ------------------------------------------------------------------------------ diversity and coverage
+
+from epure.metrics import (component_descriptors, design_iou_matrix, knn_radii, manifold_scores,  # noqa: E402
+                           mean_pairwise_iou, mean_pairwise_iou_within, nearest_iou, standardise)
+
+
+def blobs(n: int, seed: int) -> np.ndarray:
+    """``n`` two-component designs [n, 2, 16, 16]: a rectangle of random place and size in each component."""
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((n, 2, 16, 16), dtype=bool)
+    for i in range(n):
+        for m in range(2):
+            r, c = rng.integers(0, 10, 2)
+            masks[i, m, r: r + rng.integers(2, 7), c: c + rng.integers(2, 7)] = True
+    return masks
+
+
+def test_component_descriptors_of_known_shapes() -> None:
+    masks = np.zeros((1, 2, 8, 8), dtype=bool)
+    masks[0, 0] = rectangle(2, 4, 1, 7)  # rows 2-3, columns 1-6: area 12, perimeter 2 * (2 + 6) = 16
+    features = component_descriptors(masks)
+    assert features.shape == (1, 16)
+    np.testing.assert_allclose(features[0, :8], [12, 2.5, 3.5, 2, 3, 1, 6, 2 * 12 / 16])
+    np.testing.assert_allclose(features[0, 8:], [0, -1, -1, -1, -1, -1, -1, 0])  # empty: nowhere
+    line = np.zeros((1, 1, 8, 8), dtype=bool)
+    line[0, 0, 3, :] = True  # a one-pixel line across the grid is about one pixel thick
+    assert component_descriptors(line)[0, 7] == pytest.approx(2 * 8 / 18)
+
+
+def test_standardise_uses_the_reference_statistics() -> None:
+    reference = np.array([[0.0, 5.0], [2.0, 5.0]])
+    ref, other = standardise(reference, np.array([[4.0, 6.0]]))
+    np.testing.assert_allclose(ref, [[-1, 0], [1, 0]])
+    np.testing.assert_allclose(other, [[3, 1]])  # a constant reference column keeps unit scale
+
+
+def test_knn_radii_exclude_the_point_itself() -> None:
+    points = np.array([[0.0], [1.0], [3.0], [7.0]])
+    np.testing.assert_allclose(knn_radii(points, 1), [1, 1, 2, 4])
+    np.testing.assert_allclose(knn_radii(points, 2), [3, 2, 3, 6])
+    with pytest.raises(ValueError, match="k-NN"):
+        knn_radii(points, 4)
+
+
+def test_identical_sets_have_full_precision_recall_and_coverage() -> None:
+    real = np.random.default_rng(0).normal(size=(300, 4))
+    scores = manifold_scores(real, real.copy(), k=5)
+    assert scores["precision"] == scores["recall"] == scores["coverage"] == 1.0
+    assert scores["density"] >= 1.0  # each point at least in its own ball
+
+
+def test_two_samples_of_one_distribution_score_near_one() -> None:
+    rng = np.random.default_rng(1)
+    scores = manifold_scores(rng.normal(size=(2000, 3)), rng.normal(size=(2000, 3)), k=5)
+    for name in ("precision", "recall", "coverage"):
+        assert 0.9 < scores[name] <= 1.0, (name, scores)
+    assert 0.85 < scores["density"] < 1.15  # its expectation is 1 for identical distributions
+
+
+def test_one_repeated_design_has_no_recall() -> None:
+    real = np.random.default_rng(2).normal(size=(500, 4))
+    scores = manifold_scores(real, np.repeat(real[:1], 500, axis=0), k=5)
+    assert scores["precision"] == 1.0  # the one design is a real one
+    assert scores["recall"] <= 1 / 500  # only that design itself lies in a ball of radius 0
+    assert scores["coverage"] < 0.05
+
+
+def test_half_the_modes_halve_recall_and_coverage_not_precision() -> None:
+    rng = np.random.default_rng(3)
+    modes = np.where(rng.random(2000) < 0.5, -20.0, 20.0)[:, None]
+    real = rng.normal(size=(2000, 2)) + modes
+    fake = rng.normal(size=(1000, 2)) + 20.0  # only one of the two modes
+    scores = manifold_scores(real, fake, k=5)
+    assert scores["precision"] > 0.95
+    assert 0.4 < scores["recall"] < 0.6 and 0.4 < scores["coverage"] < 0.6
+    shifted = manifold_scores(real, fake + 100.0, k=5)  # nowhere near the data
+    assert shifted == {"precision": 0.0, "recall": 0.0, "density": 0.0, "coverage": 0.0}
+
+
+def test_design_iou_matrix_treats_components_apart() -> None:
+    a = np.zeros((1, 2, 8, 8), dtype=bool)
+    a[0, 0] = rectangle(0, 4, 0, 4)  # 16 px in component 0
+    b = np.zeros((3, 2, 8, 8), dtype=bool)
+    b[0, 0] = rectangle(2, 6, 2, 6)  # overlaps 4 px: 4 / 28
+    b[1, 1] = rectangle(0, 4, 0, 4)  # the same pixels, but in the other component: no match
+    matrix = design_iou_matrix(a, b)  # b[2] is empty
+    np.testing.assert_allclose(matrix, [[4 / 28, 0.0, 0.0]])
+    assert design_iou_matrix(b[2:], b[2:])[0, 0] == 1.0  # two empty designs
+    designs = blobs(30, 4)
+    expected = iou(designs.reshape(30, 1, 2 * 16, 16)[:, None], designs.reshape(1, 30, 2 * 16, 16)).squeeze()
+    np.testing.assert_allclose(design_iou_matrix(designs, designs), expected.reshape(30, 30))
+
+
+def test_a_copy_of_the_training_set_is_all_memorised() -> None:
+    train, other = blobs(200, 5), blobs(50, 6)
+    np.testing.assert_array_equal(nearest_iou(train[::-1].copy(), train, chunk=7), 1.0)
+    near = nearest_iou(other, train)
+    assert near.shape == (50,) and (near < 1).any() and (near > 0).all()
+    manual = np.array([max(design_iou_matrix(d[None], train)[0]) for d in other])
+    np.testing.assert_allclose(near, manual)
+
+
+def test_mean_pairwise_iou_of_copies_and_of_disjoint_designs() -> None:
+    one = blobs(1, 7)
+    assert mean_pairwise_iou(np.repeat(one, 10, axis=0)) == 1.0
+    apart = np.zeros((3, 1, 4, 4), dtype=bool)
+    apart[0, 0, 0, 0] = apart[1, 0, 1, 1] = apart[2, 0, 2, 2] = True
+    assert mean_pairwise_iou(apart) == 0.0
+    apart[2, 0, 0, 0] = True  # designs 0 and 2 now share a pixel: IoU 1/2, the other pairs 0
+    assert mean_pairwise_iou(apart) == pytest.approx((0.5 + 0 + 0) / 3)
+    assert np.isnan(mean_pairwise_iou(apart[:1]))
+
+
+def test_mean_pairwise_iou_within_groups() -> None:
+    designs = blobs(12, 8)
+    groups = designs.reshape(3, 4, 2, 16, 16)
+    expected = np.mean([mean_pairwise_iou(g) for g in groups])
+    assert mean_pairwise_iou_within(groups) == pytest.approx(expected)
+    assert mean_pairwise_iou_within(np.repeat(designs[:, None], 5, axis=1)) == 1.0  # every draw the same
+    assert np.isnan(mean_pairwise_iou_within(groups[:, :1]))
