@@ -31,7 +31,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from epure.checkpoint import read_checkpoint, save_checkpoint
 from epure.config import REGISTRY_COLLECTION, Config, ConfigError, DataConfig, TrainConfig, WandbConfig
@@ -706,11 +706,28 @@ def summary_value(value: Any) -> Any:
 # --------------------------------------------------------------------------------------------- sweeps
 
 
+@contextlib.contextmanager
+def _sweep_environment() -> Iterator[None]:
+    """The SDK's sweep calls export WANDB_PROJECT, WANDB_ENTITY, WANDB_SWEEP_ID, ... into this process's
+    environment; put it back afterwards, so later calls here (an artifact lookup, the next command of a
+    notebook or test) do not inherit them. WANDB_SERVICE (the SDK's own service process) is left alone."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith("WANDB_")}
+    try:
+        yield
+    finally:
+        for key in [k for k in os.environ if k.startswith("WANDB_") and k != "WANDB_SERVICE"]:
+            if key not in saved:
+                del os.environ[key]
+        os.environ.update({k: v for k, v in saved.items() if k != "WANDB_SERVICE"})
+
+
 def create_sweep(definition: dict[str, Any], project: str, entity: str | None) -> str:
     """Create a W&B sweep on the server; returns its id."""
     import wandb
 
-    return server_call("wandb.sweep (creating the sweep)", wandb.sweep, definition, project=project, entity=entity)
+    with _sweep_environment():
+        return server_call("wandb.sweep (creating the sweep)", wandb.sweep, definition, project=project,
+                           entity=entity)
 
 
 def run_agent(sweep_id: str, trial: Callable[[], Any], count: int | None, project: str,
@@ -718,8 +735,9 @@ def run_agent(sweep_id: str, trial: Callable[[], Any], count: int | None, projec
     """Be one agent of the W&B sweep ``sweep_id``: ``trial()`` runs each trial the server hands out."""
     import wandb
 
-    server_call(f"wandb.agent (asking sweep {sweep_id} for trials)", wandb.agent, sweep_id, function=trial,
-                count=count, project=project, entity=entity)
+    with _sweep_environment():
+        server_call(f"wandb.agent (asking sweep {sweep_id} for trials)", wandb.agent, sweep_id, function=trial,
+                    count=count, project=project, entity=entity)
 
 
 def agent_params() -> dict[str, Any]:

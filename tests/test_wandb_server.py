@@ -248,6 +248,10 @@ def test_sweep_on_a_server_without_sweeps_exits_2_naming_the_server_and_the_call
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump({"method": "grid", "parameters": {"model.beta": {"values": [1.0]}},
                                     "epure": {"config": "tiny.yaml"}}))
+    def wandb_env() -> dict[str, str]:  # WANDB_SERVICE: the SDK's own service process, set on first use
+        return {k: v for k, v in os.environ.items() if k.startswith("WANDB_") and k != "WANDB_SERVICE"}
+
+    before = wandb_env()
     for extra, call in (([], "wandb.sweep (creating the sweep)"),
                         (["--sweep-id", "abc123"], "wandb.agent (asking sweep abc123 for trials)")):
         result = CliRunner().invoke(app, ["sweep", str(path), "--count", "1", "--project", "p", "--entity",
@@ -256,6 +260,8 @@ def test_sweep_on_a_server_without_sweeps_exits_2_naming_the_server_and_the_call
         assert flat(f"error: the W&B server {wandb_online.url} failed {call}") in flat(result.output)
         assert flat(f"epure sweep {path} --offline") in flat(result.output)
     assert not (tmp_path / "outputs" / "mmvaeplus").exists()  # nothing trained
+    # the SDK's agent exports WANDB_PROJECT=p etc.; later artifact lookups in this process must not see them
+    assert wandb_env() == before
 
 
 @pytest.mark.slow
