@@ -67,16 +67,25 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _data_config(config: Optional[Path], components: Optional[list[str]]) -> DataConfig:
+def _data_config(config: Optional[Path], components: Optional[list[str]], missing: Optional[str] = None) -> DataConfig:
     cfg = load_config(config).data if config else DataConfig()
     if components:
         cfg.components = list(components)
+    if missing is not None:
+        if missing not in ("error", "allow"):
+            raise ConfigError(f"--missing must be error or allow, got {missing!r}")
+        cfg.missing = missing
     return cfg
 
 
 ConfigOption = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file or built-in name.")]
 ComponentsOption = Annotated[Optional[list[str]], typer.Option(
     "--components", help="Component names; several may follow one flag: --components group_nc group_km fpu.")]
+SampleComponentsOption = Annotated[Optional[list[str]], typer.Option(
+    "--components", help="Observed components (several may follow one flag), or 'available': complete each design "
+                         "from the components it has.")]
+MissingOption = Annotated[Optional[str], typer.Option(
+    "--missing", help="error | allow designs that lack some components' PNGs (default: the config's data.missing).")]
 
 
 @data_app.command("synth")
@@ -85,18 +94,23 @@ def data_synth(
     n: Annotated[int, typer.Option("--n", help="Number of designs.")] = 2000,
     seed: Annotated[int, typer.Option("--seed", help="Random seed: same seed, same dataset.")] = 0,
     test_fraction: Annotated[float, typer.Option("--test-fraction", help="Share of designs in the test split.")] = 0.2,
+    missing: Annotated[float, typer.Option(
+        "--missing", help="Drop each component's PNG with this probability, keeping one random component per design.")] = 0.0,
 ) -> None:
     """Write the built-in synthetic 5-component tire dataset in the users' folder format."""
     from epure.data.synth import write_synthetic_dataset
 
     if n < 2:
         fail(f"--n must be at least 2, got {n}")
+    if not 0.0 <= missing <= 1.0:
+        fail(f"--missing must be a probability in [0, 1], got {missing}")
     try:
         with console.status(f"generating {n} synthetic designs"):
-            root = write_synthetic_dataset(out, n=n, seed=seed, test_fraction=test_fraction)
+            root = write_synthetic_dataset(out, n=n, seed=seed, test_fraction=test_fraction, missing=missing)
     except FileExistsError as err:
         fail(str(err))
-    console.print(f"wrote {n} designs to [bold]{root}[/] (check it with: epure data check {root})")
+    check = f"epure data check {root}" + (" --missing allow" if missing else "")
+    console.print(f"wrote {n} designs to [bold]{root}[/] (check it with: {check})")
 
 
 @data_app.command("check")
@@ -104,12 +118,13 @@ def data_check(
     root: Annotated[Path, typer.Argument(help="Dataset folder (ROOT/{train,test}/{component}/..., dimensions.csv).")],
     config: ConfigOption = None,
     components: ComponentsOption = None,
+    missing: MissingOption = None,
 ) -> None:
     """Validate a dataset exactly as training loads it and print a summary."""
     from epure.data.check import check_dataset
 
     try:
-        cfg = _data_config(config, components)
+        cfg = _data_config(config, components, missing)
         summaries = check_dataset(root, cfg)
     except (DatasetError, ConfigError) as err:
         fail(str(err))
@@ -132,6 +147,15 @@ def data_check(
         coverage.add_row(component, *[v for s in summaries for v in
                                       (f"{s.coverage[component]:.3f}", f"{s.nonempty[component]:.1%}")])
     out.print(coverage)
+    availability = Table(title="availability (designs with each component's image; share of the split)")
+    availability.add_column("component")
+    for s in summaries:
+        availability.add_column(s.split, justify="right")
+    for component in cfg.components:
+        availability.add_row(component, *[f"{s.available[component]} ({s.available[component] / s.count:.1%})"
+                                          for s in summaries])
+    availability.add_row("complete designs", *[f"{s.complete} ({s.complete / s.count:.1%})" for s in summaries])
+    out.print(availability)
     out.print("[green]dataset OK[/]")
 
 
@@ -142,13 +166,14 @@ def data_show(
     count: Annotated[int, typer.Option("--count", help="Number of designs (one row each).")] = 8,
     config: ConfigOption = None,
     components: ComponentsOption = None,
+    missing: MissingOption = None,
 ) -> None:
     """Write a grid PNG of random train designs: one row per design, components then a colour composite."""
     from epure.data.check import example_designs
     from epure.viz import design_grid, save_png
 
     try:
-        designs, ids = example_designs(root, _data_config(config, components), count)
+        designs, ids = example_designs(root, _data_config(config, components, missing), count)
     except (DatasetError, ConfigError) as err:
         fail(str(err))
     save_png(design_grid(designs), out)
@@ -296,7 +321,7 @@ def sample_command(
     width: Annotated[Optional[float], typer.Option("--width", help="Short for --condition width_px=VALUE.")] = None,
     height: Annotated[Optional[float], typer.Option("--height", help="Short for --condition height_px=VALUE.")] = None,
     conditions: Annotated[Optional[Path], typer.Option("--conditions", help="CSV: one sample per row, named by its id.")] = None,
-    components: ComponentsOption = None,
+    components: SampleComponentsOption = None,
     joint: Annotated[bool, typer.Option("--joint", help="Condition on the named components together.")] = False,
     joint_rule: Annotated[str, typer.Option("--joint-rule", help="mixture | product of the observed posteriors.")] = "mixture",
     mean: Annotated[bool, typer.Option("--mean", help="Use posterior means instead of samples (inpainting).")] = False,
@@ -336,12 +361,18 @@ def sample_command(
             report = sampling.write_unconditional(loaded, out_dir, raw, ids, binary, batch_size, seed)
         elif mode == "inpainting":
             if not components:
-                fail(f"--mode inpainting needs --components (any of: {', '.join(loaded.components)})")
+                fail(f"--mode inpainting needs --components (any of: {', '.join(loaded.components)}, or "
+                     f"{sampling.AVAILABLE})")
             split = sampling.completion_split(loaded, data, limit)
-            sets = [list(components)] if joint else [[c] for c in components]
-            report = sampling.write_completions(loaded, out_dir, split.images, split.conditions, list(split.ids),
-                                                sets, binary, joint_rule, mean, batch_size, seed,
-                                                cross_prior=cross_prior)
+            if list(components) == [sampling.AVAILABLE]:
+                report = sampling.write_available_completions(
+                    loaded, out_dir, split.images, split.conditions, list(split.ids), split.available, binary,
+                    joint_rule, mean, batch_size, seed, cross_prior=cross_prior)
+            else:
+                sets = [list(components)] if joint else [[c] for c in components]
+                report = sampling.write_completions(loaded, out_dir, split.images, split.conditions,
+                                                    list(split.ids), sets, binary, joint_rule, mean, batch_size,
+                                                    seed, cross_prior=cross_prior, available=split.available)
         else:
             fail(f"--mode must be unconditional or inpainting, got {mode!r}")
     except (CheckpointError, DatasetError, ConfigError, TrainingError, sampling.SamplingError,

@@ -43,6 +43,7 @@ class DataConfig:
     val_seed: int = 0  # which designs are held out: fixed apart from train.seed, so every seed validates alike
     synthetic_n: int = 2000  # size of the built-in synthetic dataset
     synthetic_seed: int = 0
+    missing: str = "error"  # error: every design needs every component's PNG | allow: incomplete designs train too
 
 
 @dataclass
@@ -235,6 +236,7 @@ def validate(config: Config) -> None:
     choices = {
         "model.priorposterior": (m.priorposterior, ["Laplace", "Normal"]),
         "model.likelihood": (m.likelihood, ["bernoulli", "continuous_bernoulli", "normal", "laplace"]),
+        "data.missing": (d.missing, ["error", "allow"]),
         "model.objective": (m.objective, ["elbo", "dreg"]),
         "model.cross_prior": (m.cross_prior, ["prior", "aux"]),
         "train.device": (t.device, ["auto", "cpu", "cuda", "mps"]),

@@ -11,6 +11,10 @@ runs compare and log the same way:
   they are, how close to the training designs, and how varied several completions of one design are, each
   beside the same measured on a second real sample (the ceiling a perfect model would reach).
 
+On incomplete data (designs that lack some components) a completion is scored only against targets that
+exist, from observed components the design has, and ``scored`` counts the designs behind each entry; the
+distribution and dimension metrics use the complete designs.
+
 Generation runs in batches without autograd, and every metric is one vectorised pass over a batch, so the
 time goes into the model's forward passes: M encoder and M^2 + M decoder passes per test example.
 """
@@ -113,14 +117,16 @@ class EvaluationResult:
     dims_ood: dict[str, float] = field(default_factory=dict)  # the same, just outside the training range
     diversity: dict[str, float] = field(default_factory=dict)  # precision, recall, ...; real vs real in ``real``
     info: dict[str, Any] = field(default_factory=dict)  # run, data, options, timings
+    scored: np.ndarray | None = None  # [len(observed), M] designs scored per entry (all, on complete data)
 
     def headline(self) -> dict[str, float]:
-        """Cross (observed != generated) and self (reconstruction) means over single observed components."""
+        """Cross (observed != generated) and self (reconstruction) means over single observed components
+        (over the entries that scored at least one design)."""
         m = len(self.components)
         off = ~np.eye(m, dtype=bool)
         singles_iou, singles_dice = self.iou[:m], self.dice[:m]
-        return {"cross_iou": float(singles_iou[off].mean()), "self_iou": float(np.diag(singles_iou).mean()),
-                "cross_dice": float(singles_dice[off].mean()), "self_dice": float(np.diag(singles_dice).mean())}
+        return {"cross_iou": _mean(singles_iou[off]), "self_iou": _mean(np.diag(singles_iou)),
+                "cross_dice": _mean(singles_dice[off]), "self_dice": _mean(np.diag(singles_dice))}
 
     def flat(self) -> dict[str, float]:
         """All metrics under their stable names, ready for a tracker."""
@@ -129,6 +135,8 @@ class EvaluationResult:
             for t, target in enumerate(self.components):
                 out[f"{PREFIX}/cross_iou/{label}->{target}"] = float(self.iou[r, t])
                 out[f"{PREFIX}/dice/{label}->{target}"] = float(self.dice[r, t])
+                if self.scored is not None:
+                    out[f"{PREFIX}/scored/{label}->{target}"] = float(self.scored[r, t])
         for group, values in [("uncond", self.uncond), ("uncond_std", self.uncond_std), ("real", self.real),
                               ("dims", self.dims), ("dims_ood", self.dims_ood), ("diversity", self.diversity)]:
             out.update({f"{PREFIX}/{group}/{k}": float(v) for k, v in values.items()})
@@ -138,7 +146,15 @@ class EvaluationResult:
         """A JSON-ready dict (NaN, an undefined metric, becomes null)."""
         return {"format": JSON_FORMAT, "run": self.info.get("run"), "components": self.components,
                 "observed": self.observed, "iou": _nan_to_none(self.iou.tolist()),
-                "dice": _nan_to_none(self.dice.tolist()), "metrics": _nan_to_none(self.flat()), "info": self.info}
+                "dice": _nan_to_none(self.dice.tolist()),
+                "scored": None if self.scored is None else self.scored.tolist(),
+                "metrics": _nan_to_none(self.flat()), "info": self.info}
+
+
+def _mean(values: np.ndarray) -> float:
+    """Mean of the defined values; NaN when none is."""
+    values = values[np.isfinite(values)]
+    return float(values.mean()) if len(values) else float("nan")
 
 
 def _nan_to_none(value: Any) -> Any:
@@ -165,37 +181,52 @@ def evaluate(loaded: LoadedModel, split: Split, options: EvaluationOptions | Non
         raise EvaluationError(f"the data's components {split.components} are not the model's {loaded.components}")
     if options.limit:
         split = split.subset(np.arange(min(options.limit, len(split))))
+    if train is not None and not train.complete.all():  # novelty is measured against whole training designs
+        train = train.subset(np.flatnonzero(train.complete))
     begin = clock = time.perf_counter()
     fast = _inference_copy(loaded)
     timings: dict[str, float] = {}
     with torch.inference_mode():
         observed_sets = observed_subsets(len(loaded.components), options.subsets)
-        iou_matrix, dice_matrix = conditioned_scores(fast, split, observed_sets, options)
+        iou_matrix, dice_matrix, scored = conditioned_scores(fast, split, observed_sets, options)
         timings["conditioned"] = time.perf_counter() - clock
         log.info("component-conditioned generation: %d observed set(s) x %d examples in %.1f s",
                  len(observed_sets), len(split), timings["conditioned"])
 
-        clock = time.perf_counter()
-        generated = _generate(fast, split.conditions, options)
-        timings["unconditional"] = time.perf_counter() - clock
-        clock = time.perf_counter()
-        uncond, uncond_std, real = distribution_scores(generated, binarize(split.images), loaded.components,
-                                                       options.bootstrap, options.seed)
-        dims = dimension_errors(generated, split.conditions, split.condition_columns)
-        real.update(dimension_errors(binarize(split.images), split.conditions, split.condition_columns))
-        timings["distribution_metrics"] = time.perf_counter() - clock
-        log.info("unconditional generation %.1f s, its metrics %.1f s", timings["unconditional"],
-                 timings["distribution_metrics"])
+        whole = split.complete
+        if not whole.all():
+            log.info("%d of %d designs lack some component(s): completions are scored on the targets that exist "
+                     "(counts in 'scored'); distribution and dimension metrics use the %d complete designs",
+                     int((~whole).sum()), len(split), int(whole.sum()))
+        uncond, uncond_std, real, dims = {}, {}, {}, {}
+        if whole.any():
+            clock = time.perf_counter()
+            truth = split.subset(np.flatnonzero(whole))
+            generated = _generate(fast, truth.conditions, options)
+            timings["unconditional"] = time.perf_counter() - clock
+            clock = time.perf_counter()
+            uncond, uncond_std, real = distribution_scores(generated, binarize(truth.images), loaded.components,
+                                                           options.bootstrap, options.seed)
+            dims = dimension_errors(generated, truth.conditions, split.condition_columns)
+            real.update(dimension_errors(binarize(truth.images), truth.conditions, split.condition_columns))
+            timings["distribution_metrics"] = time.perf_counter() - clock
+            log.info("unconditional generation %.1f s, its metrics %.1f s", timings["unconditional"],
+                     timings["distribution_metrics"])
+        else:
+            log.warning("no design of the data has every component: no generated design is compared with a real "
+                        "one (distribution and dimension metrics left out)")
 
-        clock = time.perf_counter()
-        train_masks = binarize(train.images) if train is not None else None
-        diversity, real_diversity = diversity_scores(generated, binarize(split.images), train_masks, options.seed)
-        spread, real_spread = completion_diversity(fast, split, train, options)
-        diversity.update(spread)
-        real.update(real_diversity)
-        real.update(real_spread)
-        timings["diversity"] = time.perf_counter() - clock
-        log.info("diversity metrics %.1f s", timings["diversity"])
+        diversity: dict[str, float] = {}
+        if whole.any():  # like the distribution metrics, on the complete designs
+            clock = time.perf_counter()
+            train_masks = binarize(train.images) if train is not None else None
+            diversity, real_diversity = diversity_scores(generated, binarize(truth.images), train_masks, options.seed)
+            spread, real_spread = completion_diversity(fast, truth, train, options)
+            diversity.update(spread)
+            real.update(real_diversity)
+            real.update(real_spread)
+            timings["diversity"] = time.perf_counter() - clock
+            log.info("diversity metrics %.1f s", timings["diversity"])
 
         dims_ood: dict[str, float] = {}
         ood_values: dict[str, list[float]] = {}
@@ -210,14 +241,14 @@ def evaluate(loaded: LoadedModel, split: Split, options: EvaluationOptions | Non
             timings["ood"] = time.perf_counter() - clock
     timings["total"] = time.perf_counter() - begin
     info = {"run": loaded.run_name, "checkpoint": str(loaded.path), "step": loaded.meta.get("step"),
-            "epoch": loaded.meta.get("epoch"), "examples": len(split), "data_fingerprint": split.fingerprint,
-            "train_designs": len(train) if train is not None else None,
+            "epoch": loaded.meta.get("epoch"), "examples": len(whole), "complete_examples": int(whole.sum()),
+            "data_fingerprint": split.fingerprint, "train_designs": len(train) if train is not None else None,
             "options": dataclasses.asdict(options), "ood_values": ood_values,
             "cross_prior": options.cross_prior or loaded.config.model.cross_prior,
             "seconds": {k: round(v, 3) for k, v in timings.items()}}
     labels = ["+".join(loaded.components[i] for i in s) for s in observed_sets]
     return EvaluationResult(list(loaded.components), labels, iou_matrix, dice_matrix, uncond, uncond_std, real,
-                            dims, dims_ood, diversity, info)
+                            dims, dims_ood, diversity, info, scored)
 
 
 def _inference_copy(loaded: LoadedModel) -> LoadedModel:
@@ -239,20 +270,27 @@ def observed_subsets(m: int, subsets: bool) -> list[tuple[int, ...]]:
 
 
 def conditioned_scores(loaded: LoadedModel, split: Split, observed_sets: list[tuple[int, ...]],
-                       options: EvaluationOptions) -> tuple[np.ndarray, np.ndarray]:
-    """Mean IoU and Dice [len(observed_sets), M] of every component generated from each observed set."""
-    truth = binarize(split.images)
-    n, bs = len(split), options.batch_size
+                       options: EvaluationOptions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean IoU and Dice [len(observed_sets), M] of every component generated from each observed set, and the
+    number of designs behind each mean: those that have the observed components and the target (NaN: none)."""
+    bs = options.batch_size
     iou_sum = np.zeros((len(observed_sets), len(loaded.components)))
     dice_sum = np.zeros_like(iou_sum)
+    scored = np.zeros(iou_sum.shape, dtype=np.int64)
     for r, observed in enumerate(observed_sets):
-        batches = complete(loaded, split.images, split.conditions, list(observed), options.joint,
-                           options.use_mean, bs, options.seed, options.cross_prior)
-        for start, probs in zip(range(0, n, bs), batches):
+        rows = np.flatnonzero(split.available[:, list(observed)].all(axis=1))
+        targets = split.available[rows]  # [n, M]: which generated components have a truth to be scored against
+        scored[r] = targets.sum(axis=0)
+        truth = binarize(split.images[rows])
+        batches = complete(loaded, split.images[rows], split.conditions[rows], list(observed), options.joint,
+                           options.use_mean, bs, options.seed, options.cross_prior) if len(rows) else []
+        for start, probs in zip(range(0, len(rows), bs), batches):
             made, real = binarize(probs), truth[start: start + len(probs)]
-            iou_sum[r] += iou(made, real).sum(axis=0)
-            dice_sum[r] += dice(made, real).sum(axis=0)
-    return iou_sum / n, dice_sum / n
+            there = targets[start: start + len(probs)]
+            iou_sum[r] += np.where(there, iou(made, real), 0).sum(axis=0)
+            dice_sum[r] += np.where(there, dice(made, real), 0).sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return iou_sum / scored, dice_sum / scored, scored
 
 
 def _generate(loaded: LoadedModel, raw_conditions: np.ndarray, options: EvaluationOptions) -> np.ndarray:
@@ -469,8 +507,11 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 def render_tables(result: EvaluationResult, console: Console) -> None:
     """The observed x generated matrix and a headline table of every other metric."""
     rule = {"prior": "p(w)", "aux": "r(w)"}.get(result.info.get("cross_prior"), "?")
+    counts = result.scored is not None and (result.scored != result.info.get("examples")).any()
     matrix = Table(title=f"component-conditioned generation: IoU (Dice); rows observed, columns generated; "
-                         f"unobserved private latents from {rule}")
+                         f"unobserved private latents from {rule}"
+                         + ("; n: designs scored (those with the observed and the generated component)" if counts
+                            else ""))
     matrix.add_column("observed")
     for target in result.components:
         matrix.add_column(target, justify="right")
@@ -478,6 +519,8 @@ def render_tables(result: EvaluationResult, console: Console) -> None:
         cells = []
         for t, target in enumerate(result.components):
             cell = f"{_fmt(result.iou[r, t])} ({_fmt(result.dice[r, t])})"
+            if counts:
+                cell += f" n={result.scored[r, t]}"
             cells.append(f"[bold]{cell}[/]" if label == target else cell)
         matrix.add_row(label, *cells)
     console.print(matrix)

@@ -6,11 +6,16 @@ number of samples. Files follow the users' own layout:
 - unconditional: ``OUT/unconditional/<component>/<id>_<component>.png``, ``OUT/unconditional/composites/<id>.png``
   and ``OUT/unconditional/grid.png``;
 - inpainting: ``OUT/<observed>/<target>/<id>_<target>.png`` (``<obs1>+<obs2>`` with ``--joint``), where
-  observed == target is the reconstruction, and ``OUT/<observed>/grid.png``.
+  observed == target is the reconstruction, and ``OUT/<observed>/grid.png``. On incomplete data only the
+  designs that have the observed components are completed;
+- inpainting from each design's own components (``--components available``): ``OUT/available/<component>/
+  <id>_<component>.png``, one file per component: the reconstruction of a component the design has, the
+  completion of one it lacks; ``OUT/available/observed.csv`` says which is which.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,9 +27,13 @@ import torch
 from PIL import Image
 
 from epure.checkpoint import LoadedModel
+from epure.io import atomic_write_text
 from epure.viz import composite, design_grid, grid, save_png
 
 log = logging.getLogger(__name__)
+
+
+AVAILABLE = "available"  # --components available: complete each design from the components it has
 
 
 class SamplingError(ValueError):
@@ -141,28 +150,79 @@ def write_unconditional(loaded: LoadedModel, out_dir: Path, raw_conditions: np.n
 def write_completions(loaded: LoadedModel, out_dir: Path, images: np.ndarray, raw_conditions: np.ndarray,
                       ids: list[str], observed_sets: list[list[str]], binary: bool = False, joint: str = "mixture",
                       use_mean: bool = False, batch_size: int = 256, seed: int = 0,
-                      grid_count: int = 8, cross_prior: str | None = None) -> SampleReport:
-    """For each observed set, every target component generated from it, one folder per (observed, target)."""
+                      grid_count: int = 8, cross_prior: str | None = None,
+                      available: np.ndarray | None = None) -> SampleReport:
+    """For each observed set, every target component generated from it, one folder per (observed, target).
+
+    ``available`` bool [N, M] (default: every design has every component): each set completes only the designs
+    that have all of its components.
+    """
     check_request(len(ids), batch_size)
     check_conditions(loaded, raw_conditions)
-    folders = []
+    available = np.ones(images.shape[:2], dtype=bool) if available is None else available
+    folders, count = [], 0
     for names in observed_sets:
         observed = component_indices(names, loaded.components)
         label = "+".join(names)
+        rows = np.flatnonzero(available[:, observed].all(axis=1))
+        if len(rows) == 0:
+            raise SamplingError(f"no design of the data has {' and '.join(names)}, so none can be completed from "
+                                f"{'them' if len(names) > 1 else 'it'}; try --components available")
+        if len(rows) < len(ids):
+            log.info("%s: completing the %d of %d designs that have it", label, len(rows), len(ids))
         targets = {c: Path(out_dir) / label / c for c in loaded.components}
         for folder in targets.values():
             folder.mkdir(parents=True, exist_ok=True)
         preview_rows: list[list[np.ndarray]] = []
-        batches = complete(loaded, images, raw_conditions, observed, joint, use_mean, batch_size, seed, cross_prior)
-        for start, batch in zip(range(0, len(ids), batch_size), batches):
+        batches = complete(loaded, images[rows], raw_conditions[rows], observed, joint, use_mean, batch_size, seed,
+                           cross_prior)
+        for start, batch in zip(range(0, len(rows), batch_size), batches):
             pixels = to_png_array(batch, binary)
-            _write_pngs([(targets[c] / f"{ids[start + j]}_{c}.png", design[m])
+            _write_pngs([(targets[c] / f"{ids[rows[start + j]]}_{c}.png", design[m])
                          for j, design in enumerate(pixels) for m, c in enumerate(loaded.components)])
             for j in range(min(len(pixels), grid_count - len(preview_rows))):
-                truth = images[start + j]
+                truth = images[rows[start + j]]
                 preview_rows.append([*truth, composite(truth), *pixels[j], composite(pixels[j])])
         save_png(grid(preview_rows), Path(out_dir) / label / "grid.png")
         folders += list(targets.values())
+        count = max(count, len(rows))
+    return SampleReport(Path(out_dir), count, folders)
+
+
+def write_available_completions(loaded: LoadedModel, out_dir: Path, images: np.ndarray, raw_conditions: np.ndarray,
+                                ids: list[str], available: np.ndarray, binary: bool = False,
+                                joint: str = "mixture", use_mean: bool = False, batch_size: int = 256,
+                                seed: int = 0, grid_count: int = 8, cross_prior: str | None = None) -> SampleReport:
+    """Complete each design from the components it has: one file per component (the reconstruction of a
+    component the design has, the completion of one it lacks) under ``OUT/available``.
+
+    Designs are completed in groups that have the same components, each group from all of them together
+    (``joint``: how their posteriors combine).
+    """
+    check_request(len(ids), batch_size)
+    check_conditions(loaded, raw_conditions)
+    root = Path(out_dir) / AVAILABLE
+    folders = [root / c for c in loaded.components]
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+    patterns, group_of = np.unique(available, axis=0, return_inverse=True)
+    preview: dict[int, list[np.ndarray]] = {}
+    for g, pattern in enumerate(patterns):
+        rows = np.flatnonzero(group_of.ravel() == g)
+        observed = np.flatnonzero(pattern).tolist()
+        batches = complete(loaded, images[rows], raw_conditions[rows], observed, joint, use_mean, batch_size, seed,
+                           cross_prior)
+        for start, batch in zip(range(0, len(rows), batch_size), batches):
+            pixels = to_png_array(batch, binary)
+            _write_pngs([(folders[m] / f"{ids[i]}_{c}.png", design[m])
+                         for i, design in zip(rows[start:], pixels) for m, c in enumerate(loaded.components)])
+            for i, design in zip(rows[start:], pixels):
+                if i < grid_count:
+                    preview[int(i)] = [*images[i], composite(images[i]), *design, composite(design)]
+    save_png(grid([preview[i] for i in sorted(preview)]), root / "grid.png")
+    table = "\n".join([",".join(["id", *loaded.components])] +
+                       [",".join([str(i), *("1" if a else "0" for a in row)]) for i, row in zip(ids, available)])
+    atomic_write_text(root / "observed.csv", table + "\n")
     return SampleReport(Path(out_dir), len(ids), folders)
 
 
@@ -282,10 +342,14 @@ def unconditional_requests(loaded: LoadedModel, num_samples: int, fixed: dict[st
 
 
 def completion_split(loaded: LoadedModel, data_root: str | None, limit: int | None):
-    """The test split to complete: of ``data_root`` if given (same components), else of the training data."""
+    """The test split to complete: of ``data_root`` if given (same components), else of the training data.
+
+    Designs that lack some components are loaded too (``data.missing: allow``): completion and evaluation use
+    only the components a design has.
+    """
     from epure.data import load_split, resolve_root
 
-    cfg = loaded.config.data
+    cfg = dataclasses.replace(loaded.config.data, missing="allow")
     if data_root is not None:
         cfg.root = data_root
     split = load_split(resolve_root(cfg), "test", cfg)

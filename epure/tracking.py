@@ -124,6 +124,9 @@ class NullTracker:
     def use_dataset(self, data: "DataBundle", cfg: DataConfig) -> None:
         pass
 
+    def log_config(self, values: dict[str, Any]) -> None:
+        pass
+
     def log(self, metrics: dict[str, Any], step: int) -> None:
         pass
 
@@ -243,6 +246,12 @@ class WandbTracker:
         except Exception as err:  # lineage never costs the run: metrics, pictures and models go on
             log.warning("W&B could not record that this run uses the dataset %s (%s: %s); training goes on",
                         dataset_name(data.root), type(err).__name__, err)
+
+    @_guarded
+    def log_config(self, values: dict[str, Any]) -> None:
+        """Add facts found while starting (e.g. the data's availability) to the run's config."""
+        if self.run is not None:
+            self.run.config.update(values, allow_val_change=True)
 
     @_guarded
     def log(self, metrics: dict[str, Any], step: int) -> None:

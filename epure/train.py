@@ -197,7 +197,7 @@ def scheduled_lr(tc: TrainConfig, progress: float) -> float:
 
 @torch.no_grad()
 def validation_sums(model: MMVAEPlus, cfg: Config, images: torch.Tensor, conditions: torch.Tensor,
-                    batch_size: int) -> list[float]:
+                    batch_size: int, available: torch.Tensor | None = None) -> list[float]:
     """[sum of the objective, number of designs] over (this rank's share of) the validation split.
 
     The noise is fixed, so epochs compare, and drawn on a forked RNG, so training's stream is untouched.
@@ -209,7 +209,8 @@ def validation_sums(model: MMVAEPlus, cfg: Config, images: torch.Tensor, conditi
         for start in range(0, len(images), batch_size):
             x = images[start: start + batch_size].float().div_(255)
             c = conditions[start: start + batch_size]
-            out = forward_objective(model, x, c, "elbo", cfg.model.beta, 1)
+            a = None if available is None else available[start: start + batch_size]
+            out = forward_objective(model, x, c, "elbo", cfg.model.beta, 1, available=a)
             total += out.loss.item() * len(x)
             count += len(x)
     model.train()
@@ -239,8 +240,10 @@ class ObjectiveStep(nn.Module):
         super().__init__()
         self.model, self.objective, self.beta, self.k = model, cfg.model.objective, cfg.model.beta, cfg.model.K
 
-    def forward(self, x: torch.Tensor, conditions: torch.Tensor, share: tuple[int, int] | None = None):
-        return forward_objective(self.model, x, conditions, self.objective, self.beta, self.k, share=share)
+    def forward(self, x: torch.Tensor, conditions: torch.Tensor, available: torch.Tensor,
+                share: tuple[int, int] | None = None):
+        return forward_objective(self.model, x, conditions, self.objective, self.beta, self.k, share=share,
+                                 available=available)
 
 
 def preflight(output_dir: Path, model: MMVAEPlus) -> None:
@@ -326,12 +329,16 @@ def train(cfg: Config, *, resume: str | Path | None = None, data: DataBundle | N
         (run_dir / "checkpoints").mkdir(exist_ok=True)
     tracker.start(run_dir, cfg)
     tracker.use_dataset(data, cfg.data)
+    tracker.log_config({"data_availability": {name: getattr(data, name).availability()
+                                              for name in ("train", "val", "test")}})
 
     train_x = torch.from_numpy(data.train.images).to(device)
     train_c = torch.from_numpy(normalizer.normalize(data.train.conditions)).to(device)
+    train_a = torch.from_numpy(data.train.available).to(device)  # which components each design has
     val_rows = np.arange(ctx.rank, len(data.val), ctx.world_size)  # each rank validates its share
     val_x = torch.from_numpy(data.val.images[val_rows]).to(device)
     val_c = torch.from_numpy(normalizer.normalize(data.val.conditions[val_rows])).to(device)
+    val_a = torch.from_numpy(data.val.available[val_rows]).to(device)
     n, batch = len(train_x), tc.batch_size
     global_batch = batch * ctx.world_size
     # one process keeps the last partial batch; several drop it, so every rank gets a full share
@@ -380,7 +387,7 @@ def train(cfg: Config, *, resume: str | Path | None = None, data: DataBundle | N
                 index = order[first: first + batch]
                 x = train_x[index].float().div_(255)
                 share = (ctx.rank * len(index), len(index) * ctx.world_size) if ctx.enabled else None
-                out = step_module(x, train_c[index], share)
+                out = step_module(x, train_c[index], train_a[index], share)
                 optimizer.zero_grad(set_to_none=True)
                 out.loss.backward()
                 # one reduction gives the total gradient norm, clipped to train.grad_clip when that is set
@@ -451,7 +458,7 @@ def train(cfg: Config, *, resume: str | Path | None = None, data: DataBundle | N
             row: dict[str, Any] = {"epoch": epoch, "step": step, "train_loss": loss,
                                    "seconds": round(time.monotonic() - start_time, 2)}
             if epoch % tc.val_every == 0 or epoch == tc.epochs or status != "finished":
-                total, count = distributed.sum_across(ctx, validation_sums(model, cfg, val_x, val_c, batch))
+                total, count = distributed.sum_across(ctx, validation_sums(model, cfg, val_x, val_c, batch, val_a))
                 last_val = total / max(count, 1)
                 row["val_loss"] = last_val
                 tracker.log({"val/loss": last_val, "epoch": epoch}, step)

@@ -16,18 +16,22 @@ class SplitSummary:
     split: str
     count: int
     condition_ranges: dict[str, tuple[float, float, float]]  # column -> (min, mean, max)
-    coverage: dict[str, float]  # component -> mean share of pixels occupied
-    nonempty: dict[str, float]  # component -> share of images with any occupied pixel
+    coverage: dict[str, float]  # component -> mean share of pixels occupied, over the designs that have it
+    nonempty: dict[str, float]  # component -> share of its images with any occupied pixel
+    available: dict[str, int]  # component -> number of designs that have its image
+    complete: int  # designs that have every component
 
 
 def summarize_split(split_name: str, split: Split) -> SplitSummary:
     occupied = split.images > 127
-    coverage = occupied.mean(axis=(2, 3)).mean(axis=0)
-    nonempty = occupied.any(axis=(2, 3)).mean(axis=0)
+    have = np.maximum(split.available.sum(axis=0), 1)  # every component has >= 1 image (the loader checks)
+    coverage = occupied.mean(axis=(2, 3)).sum(axis=0) / have  # absent images are zeros: they add nothing
+    nonempty = occupied.any(axis=(2, 3)).sum(axis=0) / have
     ranges = {c: (float(split.conditions[:, i].min()), float(split.conditions[:, i].mean()),
                   float(split.conditions[:, i].max())) for i, c in enumerate(split.condition_columns)}
-    return SplitSummary(split_name, len(split), ranges,
-                        dict(zip(split.components, coverage.tolist())), dict(zip(split.components, nonempty.tolist())))
+    counts = split.availability()
+    return SplitSummary(split_name, len(split), ranges, dict(zip(split.components, coverage.tolist())),
+                        dict(zip(split.components, nonempty.tolist())), counts["components"], counts["complete"])
 
 
 def check_dataset(root: str | Path, cfg: DataConfig) -> list[SplitSummary]:

@@ -8,6 +8,12 @@ Masks are read as 0/255 grayscale. A component whose images never exceed 1 holds
 numpy 0/1 array as PNG gives): it is scaled to 0/255, with one log line saying so, instead of being read as an
 almost black image. An all-black image fits both conventions and decides nothing. A component that mixes
 0/1 images with 0/255 ones is an error that names a few files of each kind.
+
+Incomplete designs (``data.missing: allow``): a design whose PNG is absent for some component is kept, with
+that image all zeros and ``available[i, m]`` False. Each design still needs its CSV row (conditions) and at
+least one component; each component needs at least one design per split. Only an absent file counts as
+missing: a file that is there but cannot be decoded is an error in either mode. With ``data.missing: error``
+(the default) one absent file is an error, as before.
 """
 
 from __future__ import annotations
@@ -34,7 +40,9 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "test")
 FINGERPRINT_FORMAT = 1  # part of every run's data fingerprint: changing it makes every --resume see new data
-CACHE_FORMAT = 2  # how a cached array was decoded (2: 0/1 masks scaled to 0/255); part of the cache file's name
+# how a cached array was decoded (2: 0/1 masks scaled to 0/255; 3: the availability mask stored beside the
+# images); part of the cache file's name
+CACHE_FORMAT = 3
 EXAMPLES = 3  # file names shown per kind in an error
 
 
@@ -52,13 +60,28 @@ class Split:
     components: list[str]
     condition_columns: list[str]
     fingerprint: str = ""
+    available: np.ndarray | None = None  # bool [N, M]: which components each design has; None: all of them
+
+    def __post_init__(self) -> None:
+        if self.available is None:
+            self.available = np.ones(self.images.shape[:2], dtype=bool)
 
     def __len__(self) -> int:
         return len(self.ids)
 
+    @property
+    def complete(self) -> np.ndarray:
+        """bool [N]: the designs that have every component."""
+        return self.available.all(axis=1)
+
     def subset(self, index: np.ndarray) -> "Split":
         return Split(self.images[index], self.conditions[index], self.ids[index], self.components,
-                     self.condition_columns, self.fingerprint)
+                     self.condition_columns, self.fingerprint, self.available[index])
+
+    def availability(self) -> dict:
+        """How many designs have each component, and how many have them all (plain values, for W&B and tables)."""
+        return {"designs": len(self), "complete": int(self.complete.sum()),
+                "components": {c: int(n) for c, n in zip(self.components, self.available.sum(axis=0))}}
 
 
 @dataclass
@@ -193,21 +216,45 @@ def _decode(path: Path, expected: tuple[int, int]) -> np.ndarray:
     return array
 
 
-def _decode_split(root: Path, split: str, cfg: DataConfig, ids: list[str],
-                  dirs: dict[str, Path]) -> tuple[np.ndarray, list[str]]:
-    """The split's images [N, M, H, W] (0/1 components scaled to 0/255) and the names of those components."""
-    expected = (cfg.image_size[0], cfg.image_size[1])
-    paths = []
-    for component, folder in dirs.items():
+def _availability(split: str, cfg: DataConfig, rows: pd.DataFrame, dirs: dict[str, Path],
+                  csv_path: Path) -> np.ndarray:
+    """Which designs of the split have a file for each component -> bool [N, M], from the folder listings.
+
+    Every rule about absent files is checked here, before any image is decoded or any cache read.
+    """
+    ids = rows[cfg.id_column].astype(str).tolist()
+    available = np.empty((len(ids), len(dirs)), dtype=bool)
+    for m, (component, folder) in enumerate(dirs.items()):
         present = set(os.listdir(folder))
         names = [cfg.filename_pattern.format(prefix=i, component=component) for i in ids]
-        missing = [n for n in names if n not in present]
-        if missing:
+        available[:, m] = [n in present for n in names]
+        missing = [n for n, there in zip(names, available[:, m]) if not there]
+        if missing and cfg.missing == "error":
             raise DatasetError(f"{folder}: {len(missing)} image(s) missing for split '{split}', "
-                               f"first {min(10, len(missing))}: {missing[:10]}")
-        paths.append([folder / n for n in names])
-    images = np.empty((len(ids), len(dirs), *expected), dtype=np.uint8)
-    flat = [(i, m, p) for m, column in enumerate(paths) for i, p in enumerate(column)]
+                               f"first {min(10, len(missing))}: {missing[:10]} (set data.missing: allow to "
+                               "train on designs that lack some components)")
+        if not available[:, m].any():
+            raise DatasetError(f"{folder}: component '{component}' has no image for any of the {len(ids)} "
+                               f"designs of split '{split}'; a split needs at least one design with each "
+                               "component (remove it from data.components, or add its images)")
+    empty = np.flatnonzero(~available.any(axis=1))
+    if len(empty):
+        lines = (rows.index[empty] + 2).tolist()  # the CSV's line numbers (header is line 1)
+        first = ", ".join(f"row {line} (id {ids[i]!r})" for line, i in zip(lines[:10], empty[:10]))
+        raise DatasetError(f"{csv_path}: {len(empty)} design(s) of split '{split}' have no image for any component "
+                           f"({', '.join(dirs)}), e.g. {first}; a design needs at least one component")
+    return available
+
+
+def _decode_split(cfg: DataConfig, ids: list[str], dirs: dict[str, Path],
+                  available: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """The split's images [N, M, H, W] (0/1 components scaled to 0/255, absent ones all zeros) and the names of
+    the scaled components."""
+    expected = (cfg.image_size[0], cfg.image_size[1])
+    paths = [[folder / cfg.filename_pattern.format(prefix=i, component=component) for i in ids]
+             for component, folder in dirs.items()]
+    images = np.zeros((len(ids), len(dirs), *expected), dtype=np.uint8)
+    flat = [(i, m, p) for m, column in enumerate(paths) for i, p in enumerate(column) if available[i, m]]
 
     def work(item: tuple[int, int, Path]) -> None:
         i, m, p = item
@@ -268,29 +315,37 @@ def load_split(root: str | Path, split: str, cfg: DataConfig, use_cache: bool = 
         raise DatasetError(f"{csv_path}: split '{split}' is empty (no row with {cfg.split_column} = "
                            f"{split == 'train'})")
     dirs = _component_dirs(root, split, cfg)
+    # the fingerprint hashes every folder's listing: which files exist (the availability) is part of it
     key = _fingerprint(root, split, cfg, dirs, csv_path)
     cache_file = cache_path(split, key)
     ids = rows[cfg.id_column].astype(str).to_numpy()
     conditions = rows[cfg.condition_columns].to_numpy(dtype=np.float32)
+    available = _availability(split, cfg, rows, dirs, csv_path)
+    components, columns = list(cfg.components), list(cfg.condition_columns)
+    if not available.all():
+        log.info("%s/%s: %d of %d designs lack some component(s); designs with each component: %s", root, split,
+                 int((~available.all(axis=1)).sum()), len(ids),
+                 ", ".join(f"{c} {n}" for c, n in zip(components, available.sum(axis=0))))
     if use_cache and cache_file.is_file():
         try:
             with np.load(cache_file, allow_pickle=False) as cached:
                 images, scaled = cached["images"], [str(c) for c in cached["scaled"]]
-            if images.shape[0] == len(ids):
+                cached_available = cached["available"]
+            if images.shape[0] == len(ids) and np.array_equal(cached_available, available):
                 _report_scaled(root, split, scaled)
-                return Split(images, conditions, ids, list(cfg.components), list(cfg.condition_columns), key)
+                return Split(images, conditions, ids, components, columns, key, available)
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             log.warning("dataset cache %s is unreadable; decoding the images again", cache_file)
-    images, scaled = _decode_split(root, split, cfg, list(ids), dirs)
+    images, scaled = _decode_split(cfg, list(ids), dirs, available)
     _report_scaled(root, split, scaled)
     if use_cache:  # concurrent loads of one dataset each write a whole file and rename it: the last one stays
-        atomic_write(cache_file, lambda tmp: _save_npz(tmp, images, scaled))
-    return Split(images, conditions, ids, list(cfg.components), list(cfg.condition_columns), key)
+        atomic_write(cache_file, lambda tmp: _save_npz(tmp, images, scaled, available))
+    return Split(images, conditions, ids, components, columns, key, available)
 
 
-def _save_npz(path: Path, images: np.ndarray, scaled: list[str]) -> None:
+def _save_npz(path: Path, images: np.ndarray, scaled: list[str], available: np.ndarray) -> None:
     with open(path, "wb") as handle:
-        np.savez(handle, images=images, scaled=np.array(scaled, dtype=str))
+        np.savez(handle, images=images, scaled=np.array(scaled, dtype=str), available=available)
     pause = float(os.environ.get("EPURE_TEST_PAUSE_CACHE_WRITE", "0") or 0)
     if pause:  # tests only: holds the half-written cache in place, so a signal can be sent right then
         time.sleep(pause)

@@ -249,17 +249,31 @@ def _split(n: int, seed: int, test_fraction: float) -> np.ndarray:
     return train
 
 
-def write_synthetic_dataset(out_dir: str | Path, n: int, seed: int, test_fraction: float = 0.2) -> Path:
+def dropped_components(n: int, m: int, probability: float, seed: int) -> np.ndarray:
+    """Which components of ``n`` designs are left out -> bool [n, m]: each design keeps one component chosen at
+    random, and each of its others is dropped with ``probability`` (its own stream: the designs stay the same)."""
+    rng = np.random.default_rng([seed, 2])
+    keep = rng.integers(0, m, n)
+    drop = rng.random((n, m)) < probability
+    drop[np.arange(n), keep] = False
+    return drop
+
+
+def write_synthetic_dataset(out_dir: str | Path, n: int, seed: int, test_fraction: float = 0.2,
+                            missing: float = 0.0) -> Path:
     """Write ``n`` synthetic designs to ``out_dir`` in the users' format and return ``out_dir``.
 
     Layout: ``out_dir/{train,test}/{component}/synth_XXXXX_{component}.png`` (mode L, 0/255) and
     ``out_dir/dimensions.csv`` (``matching,width_px,height_px,train``), the dimensions measured on the union of
     the components exactly as for the users' data. Everything is built in a hidden sibling folder and renamed
-    into place, so a reader never sees a half-written dataset.
+    into place, so a reader never sees a half-written dataset. ``missing`` > 0 leaves out PNGs (see
+    ``dropped_components``) for data with incomplete designs; the dimensions stay those of the whole design.
     """
     out_dir = Path(out_dir)
     if not 0.0 <= test_fraction <= 1.0:
         raise ValueError(f"test_fraction must lie in [0, 1], got {test_fraction}")
+    if not 0.0 <= missing <= 1.0:
+        raise ValueError(f"missing must lie in [0, 1], got {missing}")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir} already exists and is not empty; choose a new folder or remove it")
 
@@ -267,6 +281,7 @@ def write_synthetic_dataset(out_dir: str | Path, n: int, seed: int, test_fractio
     width, height = measure_dimensions(union_of_components(masks))
     ids = [f"synth_{i:05d}" for i in range(n)]
     train = _split(n, seed, test_fraction)
+    dropped = dropped_components(n, len(COMPONENTS), missing, seed)
 
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     if tmp.exists():  # left by a crashed run that had our pid
@@ -279,6 +294,8 @@ def write_synthetic_dataset(out_dir: str | Path, n: int, seed: int, test_fractio
         def write_one(i: int) -> None:
             split = "train" if train[i] else "test"
             for c, component in enumerate(COMPONENTS):
+                if dropped[i, c]:
+                    continue
                 Image.fromarray(masks[i, c], mode="L").save(tmp / split / component / f"{ids[i]}_{component}.png")
 
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:

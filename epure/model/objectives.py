@@ -22,6 +22,13 @@ strata (for K = 1 the ELBO itself). They differ in the gradient estimator:
   scores (those experts did not draw z), so they keep their plain gradients. With one component (r_m = 1)
   the two weights agree. Detaching every expert and weighting z's path like w's (the MMVAE code's DReG) is
   exact only for K = 1 or identical experts; see docs/metrics.md, "Where the code departs from the paper".
+
+Incomplete designs (an availability mask [B, M], as MultiVae trains MMVAE+ on incomplete data): for each
+design, the mixture runs over its available components only, 1/|A| sum_{j in A} q(z | x_j) (so do the
+responsibilities of DReG); only available components are strata, and the bound averages over those; only
+available components are targets. A design's bound is then the complete-data bound of a model of its
+available components alone. Missing images are zeros and never reach the loss. (The MMVAE+ paper assumes
+complete data; see the README.)
 """
 
 from __future__ import annotations
@@ -128,17 +135,39 @@ def expert_log_densities(model: MMVAEPlus, post: Posteriors, z: torch.Tensor) ->
                        model.family).sum(-1)
 
 
+def all_available(x: torch.Tensor) -> torch.Tensor:
+    """The availability mask of complete designs: bool [B, M], all True."""
+    return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` where ``mask`` (broadcast to them) holds; NaN when it holds nowhere."""
+    mask = mask.expand_as(values)
+    return torch.where(mask, values, 0).sum() / mask.sum()
+
+
+def over_strata(values: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
+    """[B, M] per-stratum values -> [B], each design's mean over its available strata."""
+    return torch.where(available, values, 0).sum(-1) / available.sum(-1).to(values.dtype)
+
+
 def log_weights(model: MMVAEPlus, x: torch.Tensor, post: Posteriors, draws: LatentDraws, logits: torch.Tensor,
-                beta: float, dreg: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                beta: float, dreg: bool = False,
+                available: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """lw [K, B, M] for each sample of each stratum, and its terms.
 
     ``dreg``: the parameters of the distribution each sample was drawn from (q(w_m | x_m) and the stratum's own
     expert q(z | x_m)) are held fixed, so no score term reaches them; the other experts of the mixture keep
     theirs, which enter the density at a point they did not draw (a plain dependence, not a score).
+    ``available`` bool [B, M] (default: all): a design's missing components are neither experts of its mixture
+    nor targets; their strata still get a (meaningless) lw, which the caller leaves out.
     """
     fam, cfg = model.family, model.cfg
     m = model.num_components
     eye = torch.eye(m, dtype=torch.bool, device=x.device)
+    available = all_available(x) if available is None else available
+    targets = available[None, :, None, :]  # [1, B, 1, M_tgt]: also the experts j of each mixture
+    strata = available[None]  # [1, B, M_src]
     # log p(x_n | u_mn): logits [K, B, M_src, M_tgt, H, W] against x [B, M_tgt, H, W]
     lpx = log_likelihood(logits, x[None, :, None], cfg.likelihood, cfg.likelihood_scale,
                          cfg.foreground_weight)  # [K, B, M, M]
@@ -149,27 +178,31 @@ def log_weights(model: MMVAEPlus, x: torch.Tensor, post: Posteriors, draws: Late
     fixed = post.detached() if dreg else post
     if dreg:
         lqz_each = torch.where(eye, expert_log_densities(model, fixed, draws.z), lqz_each)
-    lqz = torch.logsumexp(lqz_each, dim=-1) - math.log(m)  # the mixture: log 1/M sum_j q(z_m | x_j)
+    # the mixture over the available experts A: log 1/|A| sum_{j in A} q(z_m | x_j)
+    lqz = torch.logsumexp(torch.where(targets, lqz_each, -math.inf), dim=-1) - \
+        available.sum(-1).to(lqz_each.dtype).log()[None, :, None]
     lqw = log_density(draws.w, fixed.w_loc, fixed.w_scale, fam).sum(-1)
-    lw = lpx.sum(-1) + beta * (lpz + lpw - lqz - lqw)
+    lw = torch.where(targets, lpx, 0).sum(-1) + beta * (lpz + lpw - lqz - lqw)
+    pairs = strata[..., None] & targets  # [1, B, M_src, M_tgt]: both components there
     terms = {
-        "recon_self": -lpx.diagonal(dim1=-2, dim2=-1).mean(),
-        "recon_cross": -(lpx.masked_fill(eye, 0).sum((-2, -1)) / max(1, m * (m - 1))).mean(),
-        "kl_z": (lqz - lpz).mean(),
-        "kl_w": (lqw - lpw).mean(),
+        "recon_self": -masked_mean(lpx.diagonal(dim1=-2, dim2=-1), strata),
+        "recon_cross": -masked_mean(lpx, pairs & ~eye),
+        "kl_z": masked_mean(lqz - lpz, strata),
+        "kl_w": masked_mean(lqw - lpw, strata),
     }
     for n, name in enumerate(model.components):  # reconstruction of target n, averaged over sources
-        terms[f"recon/{name}"] = -lpx[..., n].mean()
+        terms[f"recon/{name}"] = -masked_mean(lpx[..., n], pairs[..., n])
     return lw, {k: v.detach() for k, v in terms.items()}
 
 
 def forward_objective(model: MMVAEPlus, x: torch.Tensor, conditions: torch.Tensor, objective: str = "elbo",
                       beta: float = 1.0, k: int = 1, batched: bool = True,
-                      share: tuple[int, int] | None = None) -> ObjectiveOutput:
+                      share: tuple[int, int] | None = None, available: torch.Tensor | None = None) -> ObjectiveOutput:
     """Evaluate ``elbo`` or ``dreg`` on a batch x [B, M, H, W] in [0, 1] with normalised conditions [B, C].
 
     ``batched``: the fast path (default); False is the straightforward reference (see ``decode_all``).
-    ``share``: see ``draw_latents`` (distributed training).
+    ``share``: see ``draw_latents`` (distributed training). ``available``: bool [B, M], which components each
+    design has (default: all); every design needs at least one.
     """
     if objective not in ("elbo", "dreg"):
         raise ValueError(f"unknown objective {objective!r}; expected 'elbo' or 'dreg'")
@@ -181,12 +214,16 @@ def forward_objective(model: MMVAEPlus, x: torch.Tensor, conditions: torch.Tenso
     if dreg:  # the log weights get a node of their own for z, so that only their path gradient is reweighted
         draws = LatentDraws(draws.w, draws.z.clone(), draws.w_aux)
     logits = decode_all(model, decoder_inputs(draws), cond_emb, batched=batched)
-    lw, terms = log_weights(model, x, post, draws, logits, beta, dreg)
-    bound = (torch.logsumexp(lw, 0) - math.log(k)).mean(-1)  # [B]: log-mean-exp over K, mean over strata
+    available = all_available(x) if available is None else available
+    lw, terms = log_weights(model, x, post, draws, logits, beta, dreg, available)
+    # [B]: log-mean-exp over K, mean over the design's available strata
+    bound = over_strata(torch.logsumexp(lw, 0) - math.log(k), available)
     if not dreg:
         return ObjectiveOutput(-bound.mean(), bound.mean().detach(), terms)
-    # responsibility r of each stratum's own expert for its samples, parameters fixed: r = 1 when M = 1
-    own = torch.softmax(expert_log_densities(model, post.detached(), z_drawn), dim=-1).diagonal(dim1=-2, dim2=-1)
+    # responsibility r of each stratum's own expert among the available ones, parameters fixed: r = 1 when M = 1
+    experts = torch.where(available[None, :, None, :], expert_log_densities(model, post.detached(), z_drawn),
+                          -math.inf)
+    own = torch.softmax(experts, dim=-1).diagonal(dim1=-2, dim2=-1)
     with torch.no_grad():
         weights = torch.softmax(lw, dim=0)  # normalised over the K samples of each stratum
         w_path = ((1.0 - beta) + beta * weights)[..., None]  # times the surrogate's own w~, below
@@ -196,5 +233,5 @@ def forward_objective(model: MMVAEPlus, x: torch.Tensor, conditions: torch.Tenso
         draws.z.register_hook(lambda g: g * z_path)
     # gradients: sum_k w~_k d lw_k (decoders, r(w), the other experts) with the paths reweighted, and the
     # responsibility's own path; its value is the bound's
-    surrogate = (weights * (lw - beta * own)).sum(0).mean(-1)  # [B]
+    surrogate = over_strata((weights * (lw - beta * own)).sum(0), available)  # [B]
     return ObjectiveOutput(-(bound.detach() + surrogate - surrogate.detach()).mean(), bound.mean().detach(), terms)
