@@ -331,12 +331,24 @@ def sample_command(
     binary: Annotated[bool, typer.Option("--binary", help="Threshold masks at 0.5.")] = False,
     data: Annotated[Optional[str], typer.Option("--data", help="Dataset to complete (default: the training one).")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Complete only the first N test examples.")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default samples/mmvaeplus/<run>).")] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", help="Output folder (default: a new samples/mmvaeplus/<run>/<timestamp> for every run).")] = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite",
+        help="Empty --out's folder of this mode (unconditional, each observed set, or available) first.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Generation batch size.")] = 256,
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | mps.")] = "cpu",
+    wandb_mode: Annotated[Optional[str], typer.Option(
+        "--wandb", help="auto | online | offline | off (default: log when the model came from W&B or was "
+                        "trained with it).")] = None,
 ) -> None:
-    """Generate designs from a trained model: unconditional, or completed from observed components."""
+    """Generate designs from a trained model: unconditional, or completed from observed components.
+
+    Every output folder ends with samples.csv (each design's id, requested conditions, measured width and
+    height, mode, observed components) and sample.json (model, seed, options, epure version); `--conditions
+    samples.csv --seed S` regenerates the same designs.
+    """
     from epure import sample as sampling
     from epure import tracking
     from epure.checkpoint import CheckpointError, load_model
@@ -346,19 +358,30 @@ def sample_command(
         fail("give either --checkpoint RUN_DIR_OR_FILE or --artifact ENTITY/PROJECT/NAME:ALIAS")
     if cross_prior not in (None, "prior", "aux"):
         fail(f"--cross-prior must be prior or aux, got {cross_prior!r}")
+    if wandb_mode not in (None, "auto", "online", "offline", "off"):
+        fail(f"--wandb must be auto, online, offline or off, got {wandb_mode!r}")
+    options = {"mode": mode, "num_samples": num_samples, "condition": condition or [], "width": width,
+               "height": height, "conditions": str(conditions) if conditions else None, "components": components,
+               "joint": joint, "joint_rule": joint_rule, "mean": mean, "cross_prior": cross_prior, "binary": binary,
+               "data": data, "limit": limit, "out": str(out) if out else None, "overwrite": overwrite,
+               "batch_size": batch_size, "seed": seed, "device": device, "wandb": wandb_mode}
     try:
         source = tracking.resolve_artifact(artifact, project, entity) if artifact else checkpoint
         loaded = load_model(source, select_device(device))
         run_name = loaded.run_name
+        model = {"checkpoint": str(Path(loaded.path).resolve()), "artifact": None, "artifact_version": None}
         if artifact:  # name the output after the training run, as --checkpoint RUN_DIR does
             info = tracking.artifact_info(source)
             run_name = f"{Path(info['metadata'].get('run_dir') or info['name']).name}-{info['version']}"
-        out_dir = out or Path("samples") / "mmvaeplus" / run_name
+            model.update(artifact=info["qualified_name"], artifact_version=info["version"])
+        destination = sampling.Destination(out, Path("samples") / "mmvaeplus" / run_name, overwrite)
+        record = {"model": model, "options": options}
         if mode == "unconditional":
             fixed = sampling.fixed_conditions(condition or [], {"width": ("width_px", width),
                                                                 "height": ("height_px", height)})
             raw, ids = sampling.unconditional_requests(loaded, num_samples, fixed, conditions, seed)
-            report = sampling.write_unconditional(loaded, out_dir, raw, ids, binary, batch_size, seed)
+            report = sampling.write_unconditional(loaded, destination, raw, ids, binary, batch_size, seed,
+                                                  record=record)
         elif mode == "inpainting":
             if not components:
                 fail(f"--mode inpainting needs --components (any of: {', '.join(loaded.components)}, or "
@@ -366,21 +389,31 @@ def sample_command(
             split = sampling.completion_split(loaded, data, limit)
             if list(components) == [sampling.AVAILABLE]:
                 report = sampling.write_available_completions(
-                    loaded, out_dir, split.images, split.conditions, list(split.ids), split.available, binary,
-                    joint_rule, mean, batch_size, seed, cross_prior=cross_prior)
+                    loaded, destination, split.images, split.conditions, list(split.ids), split.available, binary,
+                    joint_rule, mean, batch_size, seed, cross_prior=cross_prior, record=record)
             else:
                 sets = [list(components)] if joint else [[c] for c in components]
-                report = sampling.write_completions(loaded, out_dir, split.images, split.conditions,
+                report = sampling.write_completions(loaded, destination, split.images, split.conditions,
                                                     list(split.ids), sets, binary, joint_rule, mean, batch_size,
-                                                    seed, cross_prior=cross_prior, available=split.available)
+                                                    seed, cross_prior=cross_prior, available=split.available,
+                                                    record=record)
         else:
             fail(f"--mode must be unconditional or inpainting, got {mode!r}")
     except (CheckpointError, DatasetError, ConfigError, TrainingError, sampling.SamplingError,
             tracking.ArtifactError) as err:
         fail(str(err))
-    if artifact:
-        tracking.declare_artifact_use(source, "sample", {"mode": mode, "count": report.count})
-    console.print(f"wrote {report.count} designs under [bold]{report.out_dir}[/]")
+    console.print(f"wrote {report.count} designs under [bold]{report.out_dir}[/] "
+                  f"(with {', '.join(str(f / sampling.MANIFEST) for f in report.records)})", soft_wrap=True)
+    trained_by = tracking.training_run_info(loaded.path)
+    tracking_mode = tracking.resolve_mode(wandb_mode or ("auto" if trained_by else "off"))
+    if tracking_mode == "off":
+        return
+    tables = {f"samples/{folder.name}": sampling.record_table(loaded, folder) for folder in report.records}
+    sync_hint = tracking.log_samples(report.records, tables, mode=tracking_mode, config={**record, "run": run_name},
+                                     trained_by=trained_by, settings=loaded.config.wandb,
+                                     artifact_name=f"samples-{run_name}")
+    if sync_hint:
+        console.print(f"W&B sampling run saved offline; upload it when online with: {sync_hint}", soft_wrap=True)
 
 
 @app.command("evaluate")

@@ -11,23 +11,37 @@ number of samples. Files follow the users' own layout:
 - inpainting from each design's own components (``--components available``): ``OUT/available/<component>/
   <id>_<component>.png``, one file per component: the reconstruction of a component the design has, the
   completion of one it lacks; ``OUT/available/observed.csv`` says which is which.
+
+Each of those folders (``unconditional``, ``<observed>``, ``available``) is one run's record: it ends with
+``samples.csv`` (one row per design: its id, the conditions asked for, the width and height the generated
+design measures, the mode and the observed components) and ``sample.json`` (what made it: model, seed,
+options, epure version), both written atomically after every image, so a folder without them is visibly
+incomplete. A folder that already holds samples is never written into again unless asked (``Destination``).
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import logging
+import shutil
+import unicodedata
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+import epure
 from epure.checkpoint import LoadedModel
-from epure.io import atomic_write_text
+from epure.data.dimensions import measure_dimensions
+from epure.io import atomic_write_json, atomic_write_text, claim_dir
 from epure.viz import composite, design_grid, grid, save_png
 
 log = logging.getLogger(__name__)
@@ -65,6 +79,74 @@ def check_request(count: int, batch_size: int) -> None:
         raise SamplingError(f"nothing to sample: {count} designs requested")
     if batch_size <= 0:
         raise SamplingError(f"--batch-size must be positive, got {batch_size}")
+
+
+def id_problem(sample_id: str) -> str | None:
+    """Why ``sample_id`` cannot name files inside the output folder, or None when it is a plain name."""
+    if not sample_id.strip():
+        return "is empty"
+    if "/" in sample_id or "\\" in sample_id:
+        return "contains a path separator"
+    if ".." in sample_id:
+        return "contains '..'"
+    if any(unicodedata.category(ch) == "Cc" for ch in sample_id):
+        return "contains a control character"
+    return None
+
+
+def check_ids(ids: list[str], source: str, rows: list[int] | None = None) -> None:
+    """Ids become file names (``<id>_<component>.png``, ``<id>.png``): each must be a plain name, and unique.
+
+    A bad one is an error naming ``source``, the row (when ``rows`` gives them) and the id, raised before
+    anything is written.
+    """
+    first: dict[str, int] = {}
+    for i, sample_id in enumerate(ids):
+        row = rows[i] if rows else i + 1
+        where = f"{source}: row {row}" if rows else f"{source}: design {row}"
+        problem = id_problem(sample_id)
+        if problem is None and sample_id in first:
+            problem = f"repeats the id of {'row' if rows else 'design'} {first[sample_id]}"
+        if problem:
+            raise SamplingError(f"{where}: id {sample_id!r} {problem}; ids name the files written, so each must "
+                                f"be a plain, unique file name (no '/', '\\', '..' or control characters)")
+        first[sample_id] = row
+
+
+@dataclass
+class Destination:
+    """Where a sampling run writes.
+
+    ``out`` None: a new folder ``default_parent/<YYYY-MM-DD_HH-MM-SS>`` for every run (``_1``, ``_2``, ... when
+    taken), claimed with an exclusive ``mkdir``, so two runs never mix. An explicit ``out`` whose mode folder
+    (``unconditional`` or ``<observed>``) already holds files is an error that names ``--overwrite``; with
+    ``overwrite`` that mode folder is emptied first.
+    """
+
+    out: Path | None
+    default_parent: Path | None = None
+    overwrite: bool = False
+
+    def claim(self, mode_folders: list[str]) -> Path:
+        """The folder to write into, checked (and, with ``overwrite``, the mode folders emptied)."""
+        if self.out is None:
+            return claim_dir(Path(self.default_parent) / datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
+        out = Path(self.out)
+        if out.exists() and not out.is_dir():
+            raise SamplingError(f"--out {out} is a file, not a folder")
+        taken = [out / name for name in mode_folders if (out / name).is_dir() and any((out / name).iterdir())]
+        if taken and not self.overwrite:
+            raise SamplingError(f"{', '.join(map(str, taken))} already holds samples of an earlier run; writing "
+                                f"into it would mix two runs. Choose another --out, leave --out out (every run "
+                                f"then gets a new folder), or pass --overwrite to empty it first")
+        for folder in taken:
+            log.info("--overwrite: emptying %s", folder)
+            shutil.rmtree(folder)
+        return out
+
+
+def _destination(out_dir: Path | Destination) -> Destination:
+    return out_dir if isinstance(out_dir, Destination) else Destination(Path(out_dir))
 
 
 def _to_tensor(loaded: LoadedModel, raw_conditions: np.ndarray) -> torch.Tensor:
@@ -118,22 +200,64 @@ class SampleReport:
     out_dir: Path
     count: int
     folders: list[Path]
+    records: list[Path] = field(default_factory=list)  # the mode folders, each with samples.csv and sample.json
 
 
-def write_unconditional(loaded: LoadedModel, out_dir: Path, raw_conditions: np.ndarray, ids: list[str],
+MANIFEST, RECORD = "samples.csv", "sample.json"
+
+
+def measured_dimensions(pixels: np.ndarray) -> np.ndarray:
+    """[N, 2] width_px, height_px of uint8 designs [N, M, H, W] as written, measured on their union the way the
+    dataset defines them (a pixel above 127.5 is occupied, as when the PNGs are read back)."""
+    return np.stack(measure_dimensions(pixels.max(axis=1)), axis=1)
+
+
+def manifest_rows(loaded: LoadedModel, ids: list[str], raw_conditions: np.ndarray, measured: np.ndarray,
+                  mode: str, observed: str | list[str]) -> Iterator[list[Any]]:
+    """samples.csv: the header, then one row per design (made as written, so memory stays flat). The id and
+    requested conditions keep the data's column names, so ``--conditions`` reads the file back as it is.
+    ``observed``: the observed components (``a+b``), the same for every design or one entry per design."""
+    yield [loaded.config.data.id_column, *loaded.normalizer.columns, "measured_width_px", "measured_height_px",
+           "mode", "observed"]
+    for i, sample_id in enumerate(ids):
+        yield [sample_id, *map(float, raw_conditions[i]), int(measured[i, 0]), int(measured[i, 1]), mode,
+               observed if isinstance(observed, str) else observed[i]]
+
+
+def write_record(folder: Path, rows: Iterator[list[Any]], loaded: LoadedModel, info: dict[str, Any]) -> None:
+    """samples.csv (``rows``: header first) then sample.json, each atomically: the last files of a finished
+    folder. ``info``: what sample.json adds to the model's provenance (mode, seed, options, ...)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    count = -1
+    for row in rows:
+        writer.writerow(row)
+        count += 1
+    atomic_write_text(folder / MANIFEST, buffer.getvalue())
+    record = {"epure_version": epure.__version__, "created": datetime.now().astimezone().isoformat(timespec="seconds"),
+              "checkpoint": str(Path(loaded.path).resolve()),
+              "run": loaded.run_name,
+              "data_fingerprint": loaded.meta.get("data_fingerprint"), "count": count, **info}
+    atomic_write_json(folder / RECORD, record)
+
+
+def write_unconditional(loaded: LoadedModel, out_dir: Path | Destination, raw_conditions: np.ndarray, ids: list[str],
                         binary: bool = False, batch_size: int = 256, seed: int = 0,
-                        grid_count: int = 16) -> SampleReport:
-    """One PNG per component per sample, a colour composite per sample and a grid of the first samples.
+                        grid_count: int = 16, record: dict[str, Any] | None = None) -> SampleReport:
+    """One PNG per component per sample, a colour composite per sample and a grid of the first samples, then
+    samples.csv and sample.json (``record``: what else sample.json should say, e.g. the command's options).
 
     Each batch is written before the next is generated, so memory does not grow with the number of samples.
     """
     check_request(len(ids), batch_size)
+    check_ids(ids, "the requested samples")
     check_conditions(loaded, raw_conditions)
-    root = Path(out_dir) / "unconditional"
+    out = _destination(out_dir).claim(["unconditional"])
+    root = out / "unconditional"
     folders = [root / c for c in loaded.components] + [root / "composites"]
     for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)
-    preview = []
+    preview, measured = [], []
     for start, batch in zip(range(0, len(ids), batch_size), generate(loaded, raw_conditions, batch_size, seed)):
         pixels = to_png_array(batch, binary)
         jobs = []
@@ -142,71 +266,93 @@ def write_unconditional(loaded: LoadedModel, out_dir: Path, raw_conditions: np.n
             jobs += [(root / c / f"{sample_id}_{c}.png", design[m]) for m, c in enumerate(loaded.components)]
             jobs.append((root / "composites" / f"{sample_id}.png", composite(design)))
         _write_pngs(jobs)
+        measured.append(measured_dimensions(pixels))
         preview += list(pixels[: max(0, grid_count - len(preview))])
     save_png(design_grid(np.stack(preview)), root / "grid.png")
-    return SampleReport(Path(out_dir), len(ids), folders)
+    rows = manifest_rows(loaded, ids, raw_conditions, np.concatenate(measured), "unconditional", "")
+    write_record(root, rows, loaded, {"mode": "unconditional", "observed": None, "seed": seed, "binary": binary,
+                                      "batch_size": batch_size, **(record or {})})
+    return SampleReport(out, len(ids), folders, [root])
 
 
-def write_completions(loaded: LoadedModel, out_dir: Path, images: np.ndarray, raw_conditions: np.ndarray,
-                      ids: list[str], observed_sets: list[list[str]], binary: bool = False, joint: str = "mixture",
-                      use_mean: bool = False, batch_size: int = 256, seed: int = 0,
-                      grid_count: int = 8, cross_prior: str | None = None,
-                      available: np.ndarray | None = None) -> SampleReport:
-    """For each observed set, every target component generated from it, one folder per (observed, target).
+def write_completions(loaded: LoadedModel, out_dir: Path | Destination, images: np.ndarray,
+                      raw_conditions: np.ndarray, ids: list[str], observed_sets: list[list[str]], binary: bool = False,
+                      joint: str = "mixture", use_mean: bool = False, batch_size: int = 256, seed: int = 0,
+                      grid_count: int = 8, cross_prior: str | None = None, available: np.ndarray | None = None,
+                      record: dict[str, Any] | None = None) -> SampleReport:
+    """For each observed set, every target component generated from it, one folder per (observed, target);
+    each observed set's folder ends with its samples.csv and sample.json.
 
     ``available`` bool [N, M] (default: every design has every component): each set completes only the designs
     that have all of its components.
     """
     check_request(len(ids), batch_size)
+    check_ids(ids, "the designs to complete")
     check_conditions(loaded, raw_conditions)
     available = np.ones(images.shape[:2], dtype=bool) if available is None else available
-    folders, count = [], 0
-    for names in observed_sets:
-        observed = component_indices(names, loaded.components)
-        label = "+".join(names)
-        rows = np.flatnonzero(available[:, observed].all(axis=1))
+    observed_idx = [component_indices(names, loaded.components) for names in observed_sets]
+    labels = ["+".join(names) for names in observed_sets]
+    chosen = [np.flatnonzero(available[:, observed].all(axis=1)) for observed in observed_idx]
+    for names, rows in zip(observed_sets, chosen):
         if len(rows) == 0:
             raise SamplingError(f"no design of the data has {' and '.join(names)}, so none can be completed from "
                                 f"{'them' if len(names) > 1 else 'it'}; try --components available")
+    out = _destination(out_dir).claim(labels)
+    folders, records, count = [], [], 0
+    for names, observed, label, rows in zip(observed_sets, observed_idx, labels, chosen):
         if len(rows) < len(ids):
             log.info("%s: completing the %d of %d designs that have it", label, len(rows), len(ids))
-        targets = {c: Path(out_dir) / label / c for c in loaded.components}
+        targets = {c: out / label / c for c in loaded.components}
         for folder in targets.values():
             folder.mkdir(parents=True, exist_ok=True)
         preview_rows: list[list[np.ndarray]] = []
+        measured = []
         batches = complete(loaded, images[rows], raw_conditions[rows], observed, joint, use_mean, batch_size, seed,
                            cross_prior)
         for start, batch in zip(range(0, len(rows), batch_size), batches):
             pixels = to_png_array(batch, binary)
             _write_pngs([(targets[c] / f"{ids[rows[start + j]]}_{c}.png", design[m])
                          for j, design in enumerate(pixels) for m, c in enumerate(loaded.components)])
+            measured.append(measured_dimensions(pixels))
             for j in range(min(len(pixels), grid_count - len(preview_rows))):
                 truth = images[rows[start + j]]
                 preview_rows.append([*truth, composite(truth), *pixels[j], composite(pixels[j])])
-        save_png(grid(preview_rows), Path(out_dir) / label / "grid.png")
+        save_png(grid(preview_rows), out / label / "grid.png")
+        manifest = manifest_rows(loaded, [ids[i] for i in rows], raw_conditions[rows], np.concatenate(measured),
+                                 "inpainting", label)
+        write_record(out / label, manifest, loaded, {
+            "mode": "inpainting", "observed": names, "seed": seed, "binary": binary, "batch_size": batch_size,
+            "joint_rule": joint, "mean": use_mean, "cross_prior": cross_prior or loaded.config.model.cross_prior,
+            **(record or {})})
         folders += list(targets.values())
+        records.append(out / label)
         count = max(count, len(rows))
-    return SampleReport(Path(out_dir), count, folders)
+    return SampleReport(out, count, folders, records)
 
 
-def write_available_completions(loaded: LoadedModel, out_dir: Path, images: np.ndarray, raw_conditions: np.ndarray,
-                                ids: list[str], available: np.ndarray, binary: bool = False,
-                                joint: str = "mixture", use_mean: bool = False, batch_size: int = 256,
-                                seed: int = 0, grid_count: int = 8, cross_prior: str | None = None) -> SampleReport:
+def write_available_completions(loaded: LoadedModel, out_dir: Path | Destination, images: np.ndarray,
+                                raw_conditions: np.ndarray, ids: list[str], available: np.ndarray,
+                                binary: bool = False, joint: str = "mixture", use_mean: bool = False,
+                                batch_size: int = 256, seed: int = 0, grid_count: int = 8,
+                                cross_prior: str | None = None, record: dict[str, Any] | None = None) -> SampleReport:
     """Complete each design from the components it has: one file per component (the reconstruction of a
-    component the design has, the completion of one it lacks) under ``OUT/available``.
+    component the design has, the completion of one it lacks) under ``OUT/available``, then its samples.csv
+    (``observed``: each design's own components) and sample.json.
 
     Designs are completed in groups that have the same components, each group from all of them together
     (``joint``: how their posteriors combine).
     """
     check_request(len(ids), batch_size)
+    check_ids(ids, "the designs to complete")
     check_conditions(loaded, raw_conditions)
-    root = Path(out_dir) / AVAILABLE
+    out = _destination(out_dir).claim([AVAILABLE])
+    root = out / AVAILABLE
     folders = [root / c for c in loaded.components]
     for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)
     patterns, group_of = np.unique(available, axis=0, return_inverse=True)
     preview: dict[int, list[np.ndarray]] = {}
+    measured = np.zeros((len(ids), 2), dtype=np.int64)
     for g, pattern in enumerate(patterns):
         rows = np.flatnonzero(group_of.ravel() == g)
         observed = np.flatnonzero(pattern).tolist()
@@ -216,6 +362,7 @@ def write_available_completions(loaded: LoadedModel, out_dir: Path, images: np.n
             pixels = to_png_array(batch, binary)
             _write_pngs([(folders[m] / f"{ids[i]}_{c}.png", design[m])
                          for i, design in zip(rows[start:], pixels) for m, c in enumerate(loaded.components)])
+            measured[rows[start:start + len(pixels)]] = measured_dimensions(pixels)
             for i, design in zip(rows[start:], pixels):
                 if i < grid_count:
                     preview[int(i)] = [*images[i], composite(images[i]), *design, composite(design)]
@@ -223,7 +370,35 @@ def write_available_completions(loaded: LoadedModel, out_dir: Path, images: np.n
     table = "\n".join([",".join(["id", *loaded.components])] +
                        [",".join([str(i), *("1" if a else "0" for a in row)]) for i, row in zip(ids, available)])
     atomic_write_text(root / "observed.csv", table + "\n")
-    return SampleReport(Path(out_dir), len(ids), folders)
+    own = ["+".join(c for c, has in zip(loaded.components, row) if has) for row in available]
+    write_record(root, manifest_rows(loaded, ids, raw_conditions, measured, "inpainting", own), loaded, {
+        "mode": "inpainting", "observed": AVAILABLE, "seed": seed, "binary": binary, "batch_size": batch_size,
+        "joint_rule": joint, "mean": use_mean, "cross_prior": cross_prior or loaded.config.model.cross_prior,
+        **(record or {})})
+    return SampleReport(out, len(ids), folders, [root])
+
+
+TABLE_IMAGES = 1000  # composites shown in a W&B table; rows past this many carry no picture
+
+
+def record_table(loaded: LoadedModel, folder: Path,
+                 images: int = TABLE_IMAGES) -> tuple[list[str], list[list[Any]]]:
+    """A finished folder's samples.csv as (columns, rows) with one more column, each design's colour composite
+    (uint8 [H, 2W, 3]) for the first ``images`` rows, None after: read back from the folder's own PNGs, so a
+    table shows what was written."""
+    import pandas as pd
+
+    text = {loaded.config.data.id_column: str, "mode": str, "observed": str}
+    table = pd.read_csv(folder / MANIFEST, dtype=text, keep_default_na=False)
+    rows = []
+    for i, values in enumerate(table.itertuples(index=False)):
+        picture = None
+        if i < images:
+            sample_id = values[0]
+            picture = composite(np.stack([np.asarray(Image.open(folder / c / f"{sample_id}_{c}.png").convert("L"))
+                                          for c in loaded.components]))
+        rows.append([*values, picture])
+    return [*table.columns, "composite"], rows
 
 
 def cross_matrix_image(loaded: LoadedModel, images: np.ndarray, raw_conditions: np.ndarray,
@@ -320,13 +495,13 @@ def unconditional_requests(loaded: LoadedModel, num_samples: int, fixed: dict[st
         if fixed:
             raise SamplingError(f"--conditions {conditions_csv} gives every condition of every sample; leave out "
                                 f"--condition/--width/--height (given: {', '.join(fixed)})")
-        try:
-            table = pd.read_csv(conditions_csv)
+        id_column = loaded.config.data.id_column
+        try:  # ids as written (0042 stays 0042), an empty cell an empty id
+            table = pd.read_csv(conditions_csv, dtype={id_column: str}, keep_default_na=False)
         except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
             raise SamplingError(f"{conditions_csv}: cannot read the conditions CSV ({err})") from err
         if table.empty:
             raise SamplingError(f"{conditions_csv}: no rows, so nothing to sample")
-        id_column = loaded.config.data.id_column
         missing = [c for c in [id_column, *norm.columns] if c not in table.columns]
         if missing:
             raise SamplingError(f"{conditions_csv}: missing column(s) {missing}; columns present: {list(table.columns)}")
@@ -335,7 +510,9 @@ def unconditional_requests(loaded: LoadedModel, num_samples: int, fixed: dict[st
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
             raise SamplingError(f"{conditions_csv}: row {row + 2}: conditions {norm.columns} must be finite numbers")
-        return raw, table[id_column].astype(str).tolist()
+        ids = table[id_column].astype(str).tolist()
+        check_ids(ids, str(conditions_csv), rows=list(range(2, len(ids) + 2)))
+        return raw, ids
     if num_samples <= 0:
         raise SamplingError(f"--num_samples must be positive, got {num_samples}")
     return draw_conditions(loaded, num_samples, fixed, seed), [f"sample_{i:05d}" for i in range(num_samples)]

@@ -579,28 +579,6 @@ def artifact_info(folder: Path) -> dict[str, Any]:
     return json.loads((Path(folder) / ARTIFACT_INFO).read_text())
 
 
-def declare_artifact_use(folder: Path, job_type: str, config: dict[str, Any] | None = None) -> None:
-    """Record, in a small W&B run of ``job_type``, that this job used the artifact (lineage in the UI).
-
-    Lineage is a nicety: offline this is skipped with a note, and a W&B error only warns.
-    """
-    info = artifact_info(folder)
-    reason = offline_reason()
-    if reason is not None:
-        log.info("not recording the use of %s in W&B: %s", info["qualified_name"], reason)
-        return
-    import wandb
-
-    try:
-        run = wandb.init(project=info["project"], entity=info["entity"], job_type=job_type, config=config,
-                         dir=os.environ.get("WANDB_DIR") or str(cache_root()), settings=quiet_settings())
-        run.use_artifact(info["qualified_name"])
-        run.finish()
-    except Exception as err:  # lineage must never fail the job that already did its work
-        log.warning("could not record the use of %s in W&B (%s: %s)", info["qualified_name"],
-                    type(err).__name__, err)
-
-
 def training_run_info(model_path: Path) -> dict[str, Any]:
     """What is known of the W&B run that trained the model at ``model_path`` (a run's or an artifact's file).
 
@@ -903,3 +881,60 @@ def save_report(report: Any) -> str:
     """Save the report on the W&B server; returns its URL."""
     server_call("Report.save (saving the report)", report.save)
     return report.url
+
+
+# ------------------------------------------------------------------------------------------------- sampling runs
+
+
+def log_samples(folders: list[Path], tables: dict[str, tuple[list[str], list[list[Any]]]], *, mode: str,
+                config: dict[str, Any], trained_by: dict[str, Any], settings: WandbConfig,
+                artifact_name: str) -> str | None:
+    """Log a sampling run (job type ``sample``): each ``tables`` entry (samples.csv's columns and rows, the last
+    column a composite picture or None) as a W&B Table with images, and the output ``folders`` this run wrote
+    (``unconditional``, ``<observed>``: not the other folders an ``--out`` may hold) as an artifact of type
+    ``samples`` (one collection per model, ``artifact_name``, a version per run). Then, online, the run uses
+    the model artifact, so lineage reads model -> samples (a failure there only warns: the samples are logged);
+    offline W&B cannot use artifacts, so the samples artifact's metadata names the model artifact instead.
+    Returns the ``wandb sync`` command offline; W&B trouble only warns: the files are written.
+    """
+    mode = resolve_mode(mode)
+    if mode == "off":
+        return None
+    import wandb
+
+    name, model, run = trained_by.get("name"), trained_by.get("artifact"), None
+    try:
+        run = wandb.init(project=trained_by.get("project") or settings.project,
+                         entity=trained_by.get("entity") or settings.entity, job_type="sample", mode=mode,
+                         name=f"sample-{name}" if name else None, group=settings.group or name,
+                         tags=settings.tags or None, config=config,
+                         dir=os.environ.get("WANDB_DIR") or str(cache_root()), settings=quiet_settings())
+        run.log({key: wandb.Table(columns=columns, data=[[*row[:-1], None if row[-1] is None else wandb.Image(row[-1])]
+                                                         for row in rows])
+                 for key, (columns, rows) in tables.items()})
+        artifact = wandb.Artifact(re.sub(r"[^\w.-]", "-", artifact_name), type="samples",
+                                  metadata=_json_safe({**config, "model_artifact": model}))
+        for folder in folders:
+            artifact.add_dir(str(folder), name=Path(folder).name)
+        run.log_artifact(artifact)
+    except Exception as err:
+        log.warning("could not log the samples to W&B (%s: %s); they are in %s", type(err).__name__, err,
+                    ", ".join(map(str, folders)))
+        if run is not None:
+            try:
+                run.finish(exit_code=1)
+            except Exception:  # already warned: the W&B record is incomplete, the files are not
+                pass
+        return None
+    if model and mode == "online":
+        try:
+            run.use_artifact(model)
+        except Exception as err:
+            log.warning("W&B could not record that these samples came from the model %s (%s: %s); the samples "
+                        "are logged", model, type(err).__name__, err)
+    sync_dir = run.settings.sync_dir
+    try:
+        run.finish()
+    except Exception as err:
+        log.warning("could not finish the W&B sampling run (%s: %s)", type(err).__name__, err)
+    return f"wandb sync {sync_dir}" if mode == "offline" else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -22,6 +23,7 @@ from epure.cli import app
 from epure.config import ConfigError, DataConfig, config_from_dict
 from epure.data import DatasetError, load_data, load_split
 from epure.data.cache import cache_root
+from epure.data.dimensions import measure_dimensions
 from epure.data.synth import COMPONENTS as SYNTH_COMPONENTS
 from epure.data.synth import dropped_components, write_synthetic_dataset
 from epure.evaluate import EvaluationOptions, evaluate, render_tables
@@ -404,6 +406,18 @@ def test_sample_components_available_completes_each_design_from_what_it_has(inco
     assert list(observed["id"]) == list(split.ids)
     np.testing.assert_array_equal(observed[COMPONENTS].to_numpy().astype(bool), split.available)
     assert (folder / "grid.png").is_file()
+    # the folder's record: each design's own components, measured as written; the folder is this run's only
+    record = pd.read_csv(folder / "samples.csv", dtype={"matching": str, "observed": str})
+    assert list(record["matching"]) == list(split.ids) and (record["mode"] == "inpainting").all()
+    assert list(record["observed"]) == ["+".join(c for c, a in zip(COMPONENTS, row) if a) for row in split.available]
+    for row in record.itertuples():
+        masks = np.stack([np.asarray(Image.open(folder / c / f"{row.matching}_{c}.png")) for c in COMPONENTS])
+        assert (row.measured_width_px, row.measured_height_px) == tuple(
+            int(v[0]) for v in measure_dimensions(masks.max(axis=0)[None]))
+    assert json.loads((folder / "sample.json").read_text())["observed"] == "available"
+    again = cli("sample", "--checkpoint", result.run_dir, "--mode", "inpainting", "--components", "available",
+                "--out", out)
+    assert again.exit_code == 2 and "--overwrite" in again.output
     # d0034 has only group_km: all three files come from group_km alone
     loaded = load_model(result.run_dir, torch.device("cpu"))
     i = list(split.ids).index("d0034")
@@ -425,6 +439,8 @@ def test_sample_named_components_on_incomplete_data_uses_the_designs_that_have_t
         for target in COMPONENTS:
             assert sorted(p.name for p in (out / observed / target).glob("*.png")) == \
                 [f"{i}_{target}.png" for i in having]
+        listed = pd.read_csv(out / observed / "samples.csv", dtype={"matching": str})
+        assert list(listed["matching"]) == having and (listed["observed"] == observed).all()
     res = cli("sample", "--checkpoint", result.run_dir, "--mode", "inpainting", "--components", "group_km", "fpu",
               "--joint", "--out", out)
     assert res.exit_code == 0, res.output

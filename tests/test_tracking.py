@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,6 +188,15 @@ def test_artifact_downloads_once_and_samples_like_the_run(trained: Trained, tmp_
                                       "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert len(list((out / "unconditional" / "composites").glob("*.png"))) == 2 and fake.downloads == 1
+    record = json.loads((out / "unconditional" / "sample.json").read_text())  # the folder names its model
+    assert record["model"] == {"checkpoint": str(from_artifact.path), "artifact": f"team/epure/{collection}:v0",
+                               "artifact_version": "v0"}
+    assert record["data_fingerprint"] == from_artifact.meta["data_fingerprint"]
+    # a model from W&B is sampled with W&B (offline here): the samples artifact names the model it came from
+    wandb.teardown()
+    (logged,) = [a for a in OfflineRun(find_run_file(os.environ["WANDB_DIR"])).artifacts if a.type == "samples"]
+    assert logged.metadata["model_artifact"] == f"team/epure/{collection}:v0"
+    assert logged.metadata["model"]["artifact_version"] == "v0"
 
 
 @pytest.mark.parametrize("wandb_mode,reason", [("offline", "WANDB_MODE=offline"), (None, "no W&B login")])

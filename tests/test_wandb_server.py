@@ -185,6 +185,37 @@ def test_evaluate_online_logs_metrics_tables_and_pictures_before_lineage(online_
     assert flat(f"cannot read the W&B run default/{PROJECT}/{online_run.stored.id}") in flat(result.output)
 
 
+def test_sample_online_logs_the_table_and_a_samples_artifact_of_the_model(online_run: OnlineRun,
+                                                                        wandb_online: Server, tmp_path: Path) -> None:
+    """A model trained with W&B is sampled with W&B: samples.csv reaches the server as a table with the
+    composites as pictures, the folder as an artifact of type samples naming the model; lineage comes last."""
+    out = tmp_path / "s"
+    result = CliRunner().invoke(app, ["sample", "--checkpoint", str(online_run.run_dir), "--num-samples", "3",
+                                      "--out", str(out), "--seed", "4"])
+    assert result.exit_code == 0, result.output
+    (sampling,) = [r for r in wandb_online.runs(PROJECT) if r.name == "sample-first"]
+    assert sampling.state == "finished"
+    assert sampling.config["options"]["num_samples"] == 3 and sampling.config["options"]["seed"] == 4
+    assert sampling.config["model"]["checkpoint"].endswith("best.pt")
+    entry = sampling.summary["samples/unconditional"]
+    table = json.loads(sampling.file(entry["path"]))
+    local = (out / "unconditional" / "samples.csv").read_text().splitlines()
+    assert table["columns"] == [*local[0].split(","), "composite"] and len(table["data"]) == 3
+    assert [str(row[0]) for row in table["data"]] == [line.split(",")[0] for line in local[1:]]
+    # openwandb keeps the rows; the pictures live in the table's run_table artifact, whose files it never asks
+    # for (the offline test in test_sample_outputs.py checks them)
+    assert [r[-1] for r in table["data"]] == ["Image"] * 3
+    assert [a["name"] for a in sampling.artifacts if a["artifact_type"] == "run_table"] != []
+    (record,) = [OfflineRun(f) for f in online_run_files(os.environ["WANDB_DIR"]) if sampling.id in f.name]
+    assert record.run.job_type == "sample"  # what the SDK sent: openwandb drops job types
+    (samples,) = [a for a in sampling.artifacts if a["artifact_type"] == "samples"]
+    assert samples["name"] == f"samples-{online_run.run_dir.name}"
+    assert samples["metadata"]["model_artifact"] == f"model-{online_run.stored.id}:best"
+    # then the run uses the model artifact; openwandb serves no artifact query, so that is a warning only
+    assert flat(f"W&B could not record that these samples came from the model model-{online_run.stored.id}:best") \
+        in flat(result.output)
+
+
 def test_report_is_built_from_the_runs_and_a_refused_save_is_a_clear_error(wandb_online: Server,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     import wandb_workspaces.reports.v2 as wr
