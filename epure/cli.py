@@ -340,12 +340,13 @@ def sample_command(
     from epure import sample as sampling
     from epure import tracking
     from epure.checkpoint import CheckpointError, load_model
+    from epure.model.generation import CROSS_PRIORS
     from epure.train import TrainingError, select_device
 
     if (checkpoint is None) == (artifact is None):
         fail("give either --checkpoint RUN_DIR_OR_FILE or --artifact ENTITY/PROJECT/NAME:ALIAS")
-    if cross_prior not in (None, "prior", "aux"):
-        fail(f"--cross-prior must be prior or aux, got {cross_prior!r}")
+    if cross_prior not in (None, *CROSS_PRIORS):
+        fail(f"--cross-prior must be one of {', '.join(CROSS_PRIORS)}, got {cross_prior!r}")
     try:
         source = tracking.resolve_artifact(artifact, project, entity) if artifact else checkpoint
         loaded = load_model(source, select_device(device))

@@ -57,11 +57,11 @@ class ModelConfig:
     nf_max: int = 128
     cond_dim: int = 2
     cond_hidden: list[int] = field(default_factory=lambda: [128, 256])
-    priorposterior: str = "Laplace"  # Laplace | Normal
-    likelihood: str = "bernoulli"  # bernoulli | continuous_bernoulli | normal | laplace
+    priorposterior: str = "Laplace"  # a latent family of epure.model.latents: Laplace | Normal
+    likelihood: str = "bernoulli"  # of epure.model.likelihoods: bernoulli | continuous_bernoulli | normal | laplace
     likelihood_scale: float = 0.75  # fixed scale of the normal / laplace likelihoods
     foreground_weight: float = 1.0  # weight of occupied pixels in the bernoulli likelihood (1: the plain one)
-    objective: str = "elbo"  # elbo | dreg (both the stratified importance-weighted bound for K > 1)
+    objective: str = "elbo"  # of epure.model.objectives: elbo | dreg (both the stratified bound for K > 1)
     beta: float = 2.5
     K: int = 1
     cross_prior: str = "prior"  # completion: unobserved components' private latents from p(w) (paper) or r_m(w) (aux)
@@ -205,6 +205,17 @@ def config_from_dict(tree: dict[str, Any] | None) -> Config:
     return config
 
 
+def model_registries() -> tuple[dict, dict, dict, tuple[str, ...]]:
+    """The registered latent families, likelihoods and objectives (name -> definition) and the completion
+    rules, which the model keys choose from. Imported on use: the model package imports this module."""
+    from epure.model.generation import CROSS_PRIORS
+    from epure.model.latents import FAMILIES
+    from epure.model.likelihoods import LIKELIHOODS
+    from epure.model.objectives import OBJECTIVES
+
+    return FAMILIES, LIKELIHOODS, OBJECTIVES, CROSS_PRIORS
+
+
 def validate(config: Config) -> None:
     """Cross-field checks, once, before anything runs."""
     d, m, t, w = config.data, config.model, config.train, config.wandb
@@ -233,12 +244,13 @@ def validate(config: Config) -> None:
                        ("train.batch_size", t.batch_size), ("train.epochs", t.epochs), ("train.val_every", t.val_every)]:
         if value <= 0:
             raise ConfigError(f"config key '{key}' must be positive, got {value}")
+    families, likelihoods, objectives, cross_priors = model_registries()
     choices = {
-        "model.priorposterior": (m.priorposterior, ["Laplace", "Normal"]),
-        "model.likelihood": (m.likelihood, ["bernoulli", "continuous_bernoulli", "normal", "laplace"]),
+        "model.priorposterior": (m.priorposterior, list(families)),
+        "model.likelihood": (m.likelihood, list(likelihoods)),
         "data.missing": (d.missing, ["error", "allow"]),
-        "model.objective": (m.objective, ["elbo", "dreg"]),
-        "model.cross_prior": (m.cross_prior, ["prior", "aux"]),
+        "model.objective": (m.objective, list(objectives)),
+        "model.cross_prior": (m.cross_prior, list(cross_priors)),
         "train.device": (t.device, ["auto", "cpu", "cuda", "mps"]),
         "train.lr_schedule": (t.lr_schedule, ["constant", "cosine"]),
         "wandb.mode": (w.mode, ["auto", "online", "offline", "off"]),
@@ -252,8 +264,9 @@ def validate(config: Config) -> None:
                           f"or wandb-registry-REGISTRY/NAME, got {w.register!r}")
     if m.foreground_weight <= 0:
         raise ConfigError(f"model.foreground_weight must be positive, got {m.foreground_weight}")
-    if m.foreground_weight != 1.0 and m.likelihood != "bernoulli":
-        raise ConfigError(f"model.foreground_weight applies to the bernoulli likelihood only; it is "
+    if m.foreground_weight != 1.0 and not likelihoods[m.likelihood].foreground_weight:
+        weighted = [name for name, likelihood in likelihoods.items() if likelihood.foreground_weight]
+        raise ConfigError(f"model.foreground_weight applies to the {' and '.join(weighted)} likelihood only; it is "
                           f"{m.foreground_weight} with model.likelihood {m.likelihood!r}")
     if m.beta < 0 or t.lr <= 0:
         raise ConfigError(f"model.beta must be >= 0 and train.lr > 0, got beta={m.beta}, lr={t.lr}")

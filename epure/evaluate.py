@@ -44,6 +44,7 @@ from epure.io import atomic_write_json
 from epure.metrics import (binarize, bootstrap_std, centre_of_mass, component_descriptors, dice, iou,
                            manifold_scores, mean_pairwise_iou, mean_pairwise_iou_within, nearest_iou, piece_counts,
                            standardise, wasserstein)
+from epure.model.generation import CROSS_PRIORS, JOINT_RULES
 from epure.neighbours import nearest_designs
 from epure.sample import complete, cross_matrix_image, generate
 from epure.viz import composite, grid, save_png
@@ -54,8 +55,6 @@ JSON_FORMAT = 1
 PREFIX = "eval"
 # Condition columns that measure_dimensions measures, in its output order, with their short metric names.
 DIMENSIONS = {"width_px": "width", "height_px": "height"}
-JOINT_RULES = ("mixture", "product")
-CROSS_PRIORS = ("prior", "aux")
 RATES = ("union_one_piece", "all_one_piece")  # shares of designs; every other distribution metric is a distance
 KNN = 5  # k of the k-NN manifolds, as Kynkaanniemi et al. (2019) and Naeem et al. (2020) recommend
 MEMORISED_IOU = 0.95  # a design this close to a training design counts as a copy of it

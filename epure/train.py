@@ -32,7 +32,7 @@ from epure.checkpoint import (CheckpointError, LoadedModel, git_commit, numpy_rn
 from epure.config import Config, TrainConfig, config_from_dict, save_config
 from epure.data import DataBundle, load_data
 from epure.io import atomic_write_json, atomic_write_text, claim_dir
-from epure.model import MMVAEPlus, build_model, forward_objective
+from epure.model import MMVAEPlus, forward_objective
 from epure.tracking import NullTracker
 
 log = logging.getLogger(__name__)
@@ -295,7 +295,7 @@ def train(cfg: Config, *, resume: str | Path | None = None, data: DataBundle | N
     data_changes = [] if resume_state is None else data_changes_on_resume(resume_path, resume_state, data,
                                                                           allow_data_change)
     normalizer = data.normalizer
-    model = build_model(cfg.model, cfg.data.components, cfg.data.image_size).to(device)
+    model = MMVAEPlus(cfg.model, cfg.data.components, cfg.data.image_size).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, amsgrad=tc.amsgrad)
     step_module: nn.Module = ObjectiveStep(model, cfg)
     if ctx.enabled:
