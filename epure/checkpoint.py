@@ -1,5 +1,7 @@
 """Run directories and checkpoints: everything sampling needs travels inside one file.
 
+    epure sample --checkpoint outputs/mmvaeplus/<run>   # loads the run's checkpoints/best.pt
+
 A run directory ``outputs/mmvaeplus/<timestamp>/`` holds ``config.yaml`` (resolved), ``normalization.json``,
 ``components.json``, ``metrics.csv`` and ``checkpoints/{last,previous,best}.pt``. A checkpoint holds the model
 weights, the resolved config, the normaliser and component names (so it samples on its own), and the optimiser

@@ -1,5 +1,9 @@
 """One typed configuration for everything epure does, loaded from YAML and validated once at the edge.
 
+    >>> from epure.config import load_config, parse_overrides
+    >>> load_config("small").updated(parse_overrides(["model.beta=0.5"])).model.beta
+    0.5
+
 A config file has four sections, ``data``, ``model``, ``train`` and ``wandb``; any key left out keeps the
 default below. Dotted paths (``model.beta``) address single keys, from the CLI, from sweeps and in errors.
 """
@@ -120,9 +124,8 @@ class Config:
         """A validated copy with dotted-key overrides applied (``{"model.beta": 1.0}``)."""
         tree = self.to_dict()
         for dotted, value in overrides.items():
+            key_type(dotted)  # an unknown key names the closest one
             section, _, key = dotted.partition(".")
-            if not key or section not in tree or key not in tree[section]:
-                raise ConfigError(f"unknown config key '{dotted}'{_suggest(dotted, dotted_keys())}")
             tree[section][key] = value
         return config_from_dict(tree)
 
@@ -133,6 +136,46 @@ def dotted_keys() -> list[str]:
 
 
 _SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "wandb": WandbConfig}
+_EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # 3e-4: a string to YAML 1.1
+
+
+def key_type(dotted: str) -> Any:
+    """The type annotation of a dotted config key; an unknown key is a ConfigError naming the closest one."""
+    section, _, key = dotted.partition(".")
+    hints = typing.get_type_hints(_SECTIONS[section]) if section in _SECTIONS else {}
+    if key not in hints:
+        raise ConfigError(f"unknown config key '{dotted}'{_suggest(dotted, dotted_keys())}")
+    return hints[key]
+
+
+def parse_overrides(pairs: list[str] | tuple[str, ...], option: str = "--set") -> dict[str, Any]:
+    """``KEY=VALUE`` strings -> overrides for ``Config.updated``, with the dotted keys of config files and sweeps.
+
+    A value is YAML, as in a config file (``[32, 64]``, ``null``, ``true``), and is type-checked and validated
+    by ``Config.updated`` as a config file's is; a number in exponent notation (``3e-4``) is a number where the
+    key takes one. A misspelt key names the closest one.
+
+        >>> parse_overrides(["model.beta=0.5", "train.lr=3e-4"])
+        {'model.beta': 0.5, 'train.lr': 0.0003}
+    """
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"{option} {pair!r}: expected KEY=VALUE, e.g. model.beta=0.5")
+        try:
+            annotation = key_type(key)
+            value = yaml.safe_load(text)
+        except ConfigError as err:
+            raise ConfigError(f"{option} {pair!r}: {err}") from err
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{option} {pair!r}: the value is not valid YAML: {err}") from err
+        if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()) and (
+                annotation in (int, float) or float in typing.get_args(annotation)):
+            value = float(value)  # an integer key takes a whole number too
+        overrides[key] = value
+    return overrides
 
 
 def _suggest(name: str, valid: list[str]) -> str:

@@ -1,5 +1,7 @@
 """Evaluating a trained model on a test split: how well it completes, generates and follows the dimensions.
 
+    epure evaluate --checkpoint outputs/mmvaeplus/<run> --limit 200
+
 Three families of metrics (defined in ``docs/metrics.md``), all under stable flat names (``eval/...``) so that
 runs compare and log the same way:
 

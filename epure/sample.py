@@ -1,5 +1,7 @@
 """Sampling from a trained model: whole designs from the prior, or completions from observed components.
 
+    epure sample --checkpoint outputs/mmvaeplus/<run> --mode inpainting --components group_nc
+
 Generation runs in fixed-size batches and writes each batch before the next, so memory stays flat for any
 number of samples. Files follow the users' own layout:
 

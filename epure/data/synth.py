@@ -1,5 +1,7 @@
 """The built-in synthetic 5-component tire dataset: plausible half cross-sections that need no download.
 
+    epure data synth --out data/synth --n 200 --seed 0
+
 Every design is the left half (64 rows x 32 columns) of a mirror-symmetric section, with the tread at the top
 and the symmetry axis just right of column 31. Its components are laid out around one reference curve, the
 outer edge of the carcass, described in polar coordinates about a point on the axis at the widest row:
