@@ -438,24 +438,34 @@ def sample_command(
             raw, ids = sampling.unconditional_requests(loaded, num_samples, fixed, conditions, seed)
             report = sampling.write_unconditional(loaded, out_dir, raw, ids, binary, batch_size, seed)
         elif mode == "inpainting":
-            if not components:
-                fail(f"--mode inpainting needs --components (any of: {', '.join(loaded.components)}, or "
-                     f"{sampling.AVAILABLE})")
-            split = sampling.completion_split(loaded, data, limit)
-            if list(components) == [sampling.AVAILABLE]:
-                report = sampling.write_available_completions(
-                    loaded, out_dir, split.images, split.conditions, list(split.ids), split.available, binary,
-                    joint_rule, mean, batch_size, seed, cross_prior=cross_prior)
-            else:
-                sets = [list(components)] if joint else [[c] for c in components]
-                report = sampling.write_completions(loaded, out_dir, split.images, split.conditions,
-                                                    list(split.ids), sets, binary, joint_rule, mean, batch_size,
-                                                    seed, cross_prior=cross_prior, available=split.available)
+            report = _write_inpainting(loaded, out_dir, components, data, limit, joint, joint_rule, mean, binary,
+                                       batch_size, seed, cross_prior)
         else:
             fail(f"--mode must be unconditional or inpainting, got {mode!r}")
     if artifact:
         tracking.declare_artifact_use(source, "sample", {"mode": mode, "count": report.count})
     console.print(f"wrote {report.count} designs under [bold]{report.out_dir}[/]")
+
+
+def _write_inpainting(loaded, out_dir: Path, components: Optional[list[str]], data: Optional[str],
+                      limit: Optional[int], joint: bool, joint_rule: str, mean: bool, binary: bool, batch_size: int,
+                      seed: int, cross_prior: Optional[str]):
+    """``epure sample --mode inpainting``: from each named component (or all of them together with --joint),
+    or from each design's own components (``--components available``)."""
+    from epure import sample as sampling
+
+    if not components:
+        fail(f"--mode inpainting needs --components (any of: {', '.join(loaded.components)}, or "
+             f"{sampling.AVAILABLE})")
+    split = sampling.completion_split(loaded, data, limit)
+    if list(components) == [sampling.AVAILABLE]:
+        return sampling.write_available_completions(
+            loaded, out_dir, split.images, split.conditions, list(split.ids), split.available, binary,
+            joint_rule, mean, batch_size, seed, cross_prior=cross_prior)
+    sets = [list(components)] if joint else [[c] for c in components]
+    return sampling.write_completions(loaded, out_dir, split.images, split.conditions, list(split.ids), sets,
+                                      binary, joint_rule, mean, batch_size, seed, cross_prior=cross_prior,
+                                      available=split.available)
 
 
 @app.command("evaluate")
