@@ -22,7 +22,7 @@ from epure.checkpoint import LoadedModel
 from epure.config import load_config
 from epure.data import load_data
 from epure.evaluate import EvaluationOptions, evaluate
-from epure.model import build_model
+from epure.model import MMVAEPlus
 
 
 def main() -> None:
@@ -41,7 +41,7 @@ def main() -> None:
     cfg = load_config("toy")
     data = load_data(cfg.data)  # unpacks ../shared/data/toy_epure.tar.gz into the cache on first use
     torch.manual_seed(0)
-    model = build_model(cfg.model, cfg.data.components, cfg.data.image_size).eval()
+    model = MMVAEPlus(cfg.model, cfg.data.components, cfg.data.image_size).eval()
     loaded = LoadedModel(model, cfg, data.normalizer, list(cfg.data.components), Path("untrained-toy"))
     options = EvaluationOptions(limit=args.limit, subsets=args.subsets, ood=args.ood, bootstrap=args.bootstrap)
 

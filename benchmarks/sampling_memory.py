@@ -30,11 +30,11 @@ def write_untrained_checkpoint(path: Path) -> None:
     from epure.checkpoint import save_checkpoint
     from epure.config import load_config
     from epure.data.dataset import ConditionNormalizer
-    from epure.model import build_model
+    from epure.model import MMVAEPlus
 
     cfg = load_config("small")
     torch.manual_seed(0)
-    model = build_model(cfg.model, cfg.data.components, cfg.data.image_size)
+    model = MMVAEPlus(cfg.model, cfg.data.components, cfg.data.image_size)
     conditions = np.random.default_rng(0).uniform([40, 20], [120, 60], size=(500, 2)).round().astype(np.float32)
     normalizer = ConditionNormalizer(list(cfg.data.condition_columns), *(stat(0).tolist() for stat in (
         conditions.mean, conditions.std, conditions.min, conditions.max)))

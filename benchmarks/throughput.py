@@ -34,7 +34,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from epure.config import Config, load_config
 from epure.io import atomic_write_json
-from epure.model import MMVAEPlus, build_model, forward_objective
+from epure.model import MMVAEPlus, forward_objective
+from epure.model.generation import completion_probabilities, unconditional_probabilities
+from epure.model.reference import StraightforwardModel
 
 FLOP_BATCH = 4  # batch on which FLOPs are counted (exactly linear in the batch)
 
@@ -139,7 +141,7 @@ class Bench:
     def __init__(self, cfg: Config, batch: int, device: torch.device):
         torch.manual_seed(0)
         self.cfg, self.device = cfg, device
-        self.model: MMVAEPlus = build_model(cfg.model, cfg.data.components, cfg.data.image_size).to(device)
+        self.model = MMVAEPlus(cfg.model, cfg.data.components, cfg.data.image_size).to(device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr, amsgrad=cfg.train.amsgrad)
         self.x, self.c = make_batch(cfg, batch, device)
         self.amp = False
@@ -153,6 +155,10 @@ class Bench:
             else:
                 module._compiled_call_impl = None  # back to eager: what nn.Module.compile() set
 
+    def path(self, fast: bool) -> MMVAEPlus | StraightforwardModel:
+        """The model on its one forward path (fast), or its straightforward view (the reference)."""
+        return self.model if fast else StraightforwardModel(self.model)
+
     def autocast(self) -> AbstractContextManager:
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else nullcontext()
 
@@ -160,7 +166,7 @@ class Bench:
         """Forward, backward and optimiser step of the exact ``elbo`` objective, as ``epure train`` does."""
         x, c = (self.x, self.c) if x is None else (x, c)
         with self.autocast():
-            out = forward_objective(self.model, x, c, "elbo", self.cfg.model.beta, 1, batched=fast)
+            out = forward_objective(self.path(fast), x, c, "elbo", self.cfg.model.beta, 1)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         self.optimizer.step()
@@ -169,14 +175,14 @@ class Bench:
     def generate(self, fast: bool, c: torch.Tensor | None = None) -> None:
         with self.autocast():
             c = self.c if c is None else c
-            self.model.generate(self.model.embed(c), fast=fast)
+            unconditional_probabilities(self.path(fast), c)
 
     @torch.no_grad()
     def inpaint(self, fast: bool, x: torch.Tensor | None = None, c: torch.Tensor | None = None) -> None:
         """Every component from component 0 alone."""
         x, c = (self.x, self.c) if x is None else (x, c)
         with self.autocast():
-            self.model.complete(x, self.model.embed(c), [0], fast=fast)
+            completion_probabilities(self.path(fast), x, c, [0])
 
 
 def timed(fn: Callable[[], None], device: torch.device, repeats: int) -> list[float]:

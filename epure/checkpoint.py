@@ -1,5 +1,7 @@
 """Run directories and checkpoints: everything sampling needs travels inside one file.
 
+    epure sample --checkpoint outputs/mmvaeplus/<run>   # loads the run's checkpoints/best.pt
+
 A run directory ``outputs/mmvaeplus/<timestamp>/`` holds ``config.yaml`` (resolved), ``normalization.json``,
 ``components.json``, ``metrics.csv`` and ``checkpoints/{last,previous,best}.pt``. A checkpoint holds the model
 weights, the resolved config, the normaliser and component names (so it samples on its own), and the optimiser
@@ -40,7 +42,7 @@ from numpy.core.multiarray import _reconstruct
 from epure.config import Config, config_from_dict
 from epure.data.dataset import ConditionNormalizer
 from epure.io import atomic_write
-from epure.model import MMVAEPlus, build_model
+from epure.model import MMVAEPlus
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +227,7 @@ def load_model(source: str | Path, device: str | torch.device = "cpu", prefer: s
     except ValueError as err:
         raise CheckpointError(f"{path}: the config stored in the checkpoint is invalid: {err}") from err
     components = list(state["components"])
-    model = build_model(config.model, components, config.data.image_size)
+    model = MMVAEPlus(config.model, components, config.data.image_size)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:

@@ -1,7 +1,11 @@
-"""The `epure` command line: a thin layer over library functions that the tests call too."""
+"""The `epure` command line: a thin layer over library functions that the tests call too.
+
+    epure --help
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -16,13 +20,13 @@ from rich.logging import RichHandler
 from rich.table import Table
 from typer.core import TyperGroup
 
-from epure.config import ConfigError, DataConfig, load_config
+from epure.config import ConfigError, DataConfig, load_config, parse_overrides
 from epure.data import DatasetError
 
 console = Console(stderr=True)
 
 # Options that take several values after one flag (`--components group_nc bt`), as the users' argparse tools do.
-MULTI_VALUE_OPTIONS = {"--components", "--tags"}
+MULTI_VALUE_OPTIONS = {"--components", "--tags", "--set"}
 
 
 def expand_multi_value_options(args: list[str]) -> list[str]:
@@ -32,6 +36,9 @@ def expand_multi_value_options(args: list[str]) -> list[str]:
     for token in args:
         if token.startswith("-"):
             current = token if token in MULTI_VALUE_OPTIONS else None
+            out.append(token)
+        elif current == "--set" and out[-1] != current and "=" not in token:  # KEY=VALUEs end (at a sweep file)
+            current = None
             out.append(token)
         elif current is not None and out and out[-1] != current:
             out += [current, token]
@@ -61,10 +68,47 @@ def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug 
                         handlers=[RichHandler(console=console, show_path=False)], force=True)
 
 
+# ------------------------------------------------------------------ exit codes: errors and signals, in one place
+
+USER_ERROR_EXIT = 2  # a mistake the message names and the user can fix: no traceback
+SIGNAL_EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}  # 128 + the signal's number, as shells report it
+
+
 def fail(message: str) -> None:
     """Print a clear error and exit 2: no traceback for mistakes a user can fix."""
     console.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(2)
+    raise typer.Exit(USER_ERROR_EXIT)
+
+
+def signal_exit_code(signal_name: str | None) -> int:
+    """The exit code of a run stopped by SIGINT (Ctrl-C) or SIGTERM."""
+    return SIGNAL_EXIT_CODES.get(signal_name or "SIGTERM", 143)
+
+
+def user_error_types() -> tuple[type[Exception], ...]:
+    """The library's errors whose messages name their cause and what to change (imported when one is raised:
+    the commands import their modules lazily, to start fast)."""
+    from epure.checkpoint import CheckpointError
+    from epure.evaluate import EvaluationError
+    from epure.sample import SamplingError
+    from epure.sweep import SweepError
+    from epure.tracking import ArtifactError, TrackingError
+    from epure.train import TrainingError
+
+    return (ConfigError, DatasetError, CheckpointError, TrainingError, SamplingError, EvaluationError, SweepError,
+            ArtifactError, TrackingError)
+
+
+@contextlib.contextmanager
+def reported_errors():
+    """Inside: a user error (``user_error_types``) becomes its message and exit 2; anything else (a bug) keeps
+    its traceback."""
+    try:
+        yield
+    except Exception as err:
+        if isinstance(err, typer.Exit) or not isinstance(err, user_error_types()):
+            raise
+        fail(str(err))
 
 
 def _data_config(config: Optional[Path], components: Optional[list[str]], missing: Optional[str] = None) -> DataConfig:
@@ -123,11 +167,9 @@ def data_check(
     """Validate a dataset exactly as training loads it and print a summary."""
     from epure.data.check import check_dataset
 
-    try:
+    with reported_errors():
         cfg = _data_config(config, components, missing)
         summaries = check_dataset(root, cfg)
-    except (DatasetError, ConfigError) as err:
-        fail(str(err))
     out = Console()
     counts = Table(title=f"{root}", show_lines=False)
     counts.add_column("split")
@@ -172,19 +214,27 @@ def data_show(
     from epure.data.check import example_designs
     from epure.viz import design_grid, save_png
 
-    try:
+    with reported_errors():
         designs, ids = example_designs(root, _data_config(config, components, missing), count)
-    except (DatasetError, ConfigError) as err:
-        fail(str(err))
     save_png(design_grid(designs), out)
     console.print(f"wrote {out} ({len(ids)} designs: {', '.join(ids[:4])}{', ...' if len(ids) > 4 else ''})")
 
 
-def _training_config(config: Optional[Path], overrides: dict) -> "Config":
+SetOption = Annotated[Optional[list[str]], typer.Option(
+    "--set", metavar="KEY=VALUE", help="Set config keys, the dotted keys of config files and sweeps (values as in "
+                                       "YAML); several may follow one flag: --set model.beta=0.5 train.lr=3e-4.")]
+
+
+def _training_config(config: Optional[Path], options: dict, assignments: Optional[list[str]]) -> "Config":
+    """The config file (or preset), then ``--set`` assignments, then the named options; validated once."""
     from epure.config import Config  # noqa: F401  (type only)
 
     cfg = load_config(config)
-    return cfg.updated({k: v for k, v in overrides.items() if v is not None})
+    options = {key: value for key, value in options.items() if value is not None}
+    overrides = parse_overrides(assignments or [])
+    for key in overrides.keys() & options.keys():
+        raise ConfigError(f"{key} is given twice, by --set and by its own option: give it once")
+    return cfg.updated({**overrides, **options})
 
 
 @app.command("train")
@@ -213,6 +263,7 @@ def train_command(
         "--devices", help="Train on N local processes (DistributedDataParallel via torchrun).")] = 1,
     register: Annotated[Optional[str], typer.Option(
         "--register", help="Link the best model to this W&B Registry collection at the end (W&B online).")] = None,
+    assignments: SetOption = None,
 ) -> None:
     """Train MMVAE+ (with no arguments: the small preset on the built-in synthetic data).
 
@@ -222,52 +273,56 @@ def train_command(
     """
     if devices > 1 and "WORLD_SIZE" not in os.environ:
         _relaunch_with_torchrun(devices)
-    from epure.checkpoint import CheckpointError
-    from epure.sample import progress_images
     from epure.tracking import make_tracker
-    from epure.train import LoadInterrupted, TrainingError, train
 
     if allow_data_change and resume is None:
         fail("--allow-data-change only applies with --resume RUN_DIR")
     if resume is not None and config is None and (resume / "config.yaml").is_file():
         config = resume / "config.yaml"  # options not given keep the run's values, not the small preset's
-    try:
+    with reported_errors():
         cfg = _training_config(config, {
             "train.epochs": epochs, "train.batch_size": batch_size, "data.root": data, "train.device": device,
             "train.seed": seed, "train.max_minutes": max_minutes, "train.max_steps": max_steps,
             "train.output_dir": str(output_dir) if output_dir else None, "wandb.project": project,
             "wandb.entity": entity, "wandb.name": name, "wandb.tags": tags, "wandb.group": group,
-            "wandb.notes": notes, "wandb.mode": wandb_mode, "wandb.register": register})
+            "wandb.notes": notes, "wandb.mode": wandb_mode, "wandb.register": register}, assignments)
         if resume is not None and register is None:  # a resumed run registers only when asked again
             cfg = cfg.updated({"wandb.register": None})
         tracker = make_tracker(cfg.wandb)
-    except ConfigError as err:
-        fail(str(err))
+    result = _run_training(cfg, resume, tracker, allow_data_change)
+    if os.environ.get("RANK", "0") == "0":
+        _report_training(result)
+
+
+def _run_training(cfg: "Config", resume: Optional[Path], tracker, allow_data_change: bool):
+    """``epure.train.train`` with the W&B run closed whatever happens (marked failed when training failed), and
+    the exit code of a signal while the data loads or of a second Ctrl-C."""
+    from epure.sample import progress_images
+    from epure.train import LoadInterrupted, train
+
     exit_code = 1
     try:
-        result = train(cfg, resume=resume, tracker=tracker, images_fn=_images_fn(progress_images),
-                       allow_data_change=allow_data_change)
-        exit_code = 0 if result.status != "interrupted" else 130 if result.signal_name == "SIGINT" else 143
-    except (ConfigError, DatasetError, CheckpointError, TrainingError) as err:
-        fail(str(err))
+        with reported_errors():
+            result = train(cfg, resume=resume, tracker=tracker, images_fn=_images_fn(progress_images),
+                           allow_data_change=allow_data_change)
+        exit_code = 0 if result.status != "interrupted" else signal_exit_code(result.signal_name)
+        return result
     except LoadInterrupted as stop:  # nothing to save: no step was taken, no run directory made or changed
-        exit_code = 130 if stop.signal_name == "SIGINT" else 143
+        exit_code = signal_exit_code(stop.signal_name)
         console.print(f"[bold red]{stop.signal_name} received while loading the data:[/] stopped; nothing was "
                       "trained yet" + (f" and {resume} is unchanged" if resume else " and no run directory was made"),
                       soft_wrap=True)
         raise typer.Exit(exit_code)
     except KeyboardInterrupt:  # a second Ctrl-C: stop now, the last checkpoint written is what --resume uses
-        exit_code = 130
+        exit_code = signal_exit_code("SIGINT")
         tracker.mark_preempting()
         console.print("[bold red]interrupted twice:[/] stopped without a new checkpoint; continue from the "
                       "last one with epure train --resume RUN_DIR")
-        raise typer.Exit(130)
-    finally:  # the W&B run is closed whatever happened, marked failed when training did
+        raise typer.Exit(exit_code)
+    finally:
         tracker.finish(exit_code)
         if tracker.sync_hint:
             console.print(f"W&B run saved offline; upload it when online with: {tracker.sync_hint}", soft_wrap=True)
-    if os.environ.get("RANK", "0") == "0":
-        _report_training(result)
 
 
 def _relaunch_with_torchrun(devices: int) -> None:
@@ -303,16 +358,43 @@ def _report_training(result) -> None:
     console.print(f"sample from it: epure sample --checkpoint {result.run_dir}")
     if result.status == "interrupted":
         console.print(f"continue it: epure train --resume {result.run_dir}")
-        raise typer.Exit(130 if result.signal_name == "SIGINT" else 143)
+        raise typer.Exit(signal_exit_code(result.signal_name))
+
+
+# ---------------------------------------------------------------- which model: one option group, one resolver
+
+MODEL_PANEL = "Which model"
+CheckpointOption = Annotated[Optional[Path], typer.Option(
+    "--checkpoint", help="Run directory or checkpoint file.", rich_help_panel=MODEL_PANEL)]
+ArtifactOption = Annotated[Optional[str], typer.Option(
+    "--artifact", help="W&B model artifact ENTITY/PROJECT/NAME:ALIAS or NAME:ALIAS (model-1a2b3c4d:best).",
+    rich_help_panel=MODEL_PANEL)]
+ArtifactProjectOption = Annotated[Optional[str], typer.Option(
+    "--project", help="W&B project of a NAME:ALIAS artifact.", rich_help_panel=MODEL_PANEL)]
+ArtifactEntityOption = Annotated[Optional[str], typer.Option(
+    "--entity", help="W&B entity of a NAME:ALIAS artifact.", rich_help_panel=MODEL_PANEL)]
+
+
+def chosen_model(checkpoint: Optional[Path], artifact: Optional[str], project: Optional[str],
+                 entity: Optional[str], device: str) -> tuple["LoadedModel", "str | Path"]:
+    """The model the "which model" options name, loaded on ``device``, and its source (the checkpoint, or the
+    artifact's full name); raises the library's errors, which ``reported_errors`` reports."""
+    from epure import tracking
+    from epure.checkpoint import LoadedModel, load_model  # noqa: F401  (LoadedModel: type only)
+    from epure.train import select_device
+
+    if (checkpoint is None) == (artifact is None):
+        fail("give either --checkpoint RUN_DIR_OR_FILE or --artifact ENTITY/PROJECT/NAME:ALIAS")
+    source = tracking.resolve_artifact(artifact, project, entity) if artifact else checkpoint
+    return load_model(source, select_device(device)), source
 
 
 @app.command("sample")
 def sample_command(
-    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="Run directory or checkpoint file.")] = None,
-    artifact: Annotated[Optional[str], typer.Option(
-        "--artifact", help="W&B model artifact ENTITY/PROJECT/NAME:ALIAS or NAME:ALIAS (model-1a2b3c4d:best).")] = None,
-    project: Annotated[Optional[str], typer.Option("--project", help="W&B project of a NAME:ALIAS artifact.")] = None,
-    entity: Annotated[Optional[str], typer.Option("--entity", help="W&B entity of a NAME:ALIAS artifact.")] = None,
+    checkpoint: CheckpointOption = None,
+    artifact: ArtifactOption = None,
+    project: ArtifactProjectOption = None,
+    entity: ArtifactEntityOption = None,
     mode: Annotated[str, typer.Option("--mode", help="unconditional | inpainting.")] = "unconditional",
     num_samples: Annotated[int, typer.Option("--num_samples", "--num-samples", help="Unconditional samples.")] = 16,
     condition: Annotated[Optional[list[str]], typer.Option(
@@ -345,65 +427,63 @@ def sample_command(
 ) -> None:
     """Generate designs from a trained model: unconditional, or completed from observed components.
 
-    Every output folder ends with samples.csv (each design's id, requested conditions, measured width and
-    height, mode, observed components) and sample.json (model, seed, options, epure version); `--conditions
-    samples.csv --seed S` regenerates the same designs.
-    """
+    Each folder ends with samples.csv and sample.json (README: Sampling output); --conditions samples.csv redoes it."""
+    options = _sample_options(locals())  # every option, for sample.json; first, while locals() holds only them
     from epure import sample as sampling
-    from epure import tracking
-    from epure.checkpoint import CheckpointError, load_model
-    from epure.train import TrainingError, select_device
 
-    if (checkpoint is None) == (artifact is None):
-        fail("give either --checkpoint RUN_DIR_OR_FILE or --artifact ENTITY/PROJECT/NAME:ALIAS")
-    if cross_prior not in (None, "prior", "aux"):
-        fail(f"--cross-prior must be prior or aux, got {cross_prior!r}")
-    if wandb_mode not in (None, "auto", "online", "offline", "off"):
-        fail(f"--wandb must be auto, online, offline or off, got {wandb_mode!r}")
-    options = {"mode": mode, "num_samples": num_samples, "condition": condition or [], "width": width,
-               "height": height, "conditions": str(conditions) if conditions else None, "components": components,
-               "joint": joint, "joint_rule": joint_rule, "mean": mean, "cross_prior": cross_prior, "binary": binary,
-               "data": data, "limit": limit, "out": str(out) if out else None, "overwrite": overwrite,
-               "batch_size": batch_size, "seed": seed, "device": device, "wandb": wandb_mode}
-    try:
-        source = tracking.resolve_artifact(artifact, project, entity) if artifact else checkpoint
-        loaded = load_model(source, select_device(device))
-        run_name = loaded.run_name
-        model = {"checkpoint": str(Path(loaded.path).resolve()), "artifact": None, "artifact_version": None}
-        if artifact:  # name the output after the training run, as --checkpoint RUN_DIR does
-            info = tracking.artifact_info(source)
-            run_name = f"{Path(info['metadata'].get('run_dir') or info['name']).name}-{info['version']}"
-            model.update(artifact=info["qualified_name"], artifact_version=info["version"])
+    with reported_errors():
+        loaded, source = chosen_model(checkpoint, artifact, project, entity, device)
+        run_name, model = _sample_provenance(loaded, source, artifact)
         destination = sampling.Destination(out, Path("samples") / "mmvaeplus" / run_name, overwrite)
         record = {"model": model, "options": options}
         if mode == "unconditional":
             fixed = sampling.fixed_conditions(condition or [], {"width": ("width_px", width),
                                                                 "height": ("height_px", height)})
             raw, ids = sampling.unconditional_requests(loaded, num_samples, fixed, conditions, seed)
-            report = sampling.write_unconditional(loaded, destination, raw, ids, binary, batch_size, seed,
-                                                  record=record)
+            report = sampling.write_unconditional(loaded, destination, raw, ids, binary, batch_size, seed, record=record)
         elif mode == "inpainting":
-            if not components:
-                fail(f"--mode inpainting needs --components (any of: {', '.join(loaded.components)}, or "
-                     f"{sampling.AVAILABLE})")
-            split = sampling.completion_split(loaded, data, limit)
-            if list(components) == [sampling.AVAILABLE]:
-                report = sampling.write_available_completions(
-                    loaded, destination, split.images, split.conditions, list(split.ids), split.available, binary,
-                    joint_rule, mean, batch_size, seed, cross_prior=cross_prior, record=record)
-            else:
-                sets = [list(components)] if joint else [[c] for c in components]
-                report = sampling.write_completions(loaded, destination, split.images, split.conditions,
-                                                    list(split.ids), sets, binary, joint_rule, mean, batch_size,
-                                                    seed, cross_prior=cross_prior, available=split.available,
-                                                    record=record)
+            report = _write_inpainting(loaded, destination, components, data, limit, joint, joint_rule, mean,
+                                       binary, batch_size, seed, cross_prior, record)
         else:
             fail(f"--mode must be unconditional or inpainting, got {mode!r}")
-    except (CheckpointError, DatasetError, ConfigError, TrainingError, sampling.SamplingError,
-            tracking.ArtifactError) as err:
-        fail(str(err))
     console.print(f"wrote {report.count} designs under [bold]{report.out_dir}[/] "
                   f"(with {', '.join(str(f / sampling.MANIFEST) for f in report.records)})", soft_wrap=True)
+    _log_samples(loaded, report, record, run_name, wandb_mode)
+
+
+def _sample_options(given: dict) -> dict:
+    """``epure sample``'s options, checked, as sample.json records them (paths as text; "which model" is recorded
+    apart)."""
+    from epure.model.generation import CROSS_PRIORS
+
+    if given["cross_prior"] not in (None, *CROSS_PRIORS):
+        fail(f"--cross-prior must be one of {', '.join(CROSS_PRIORS)}, got {given['cross_prior']!r}")
+    if given["wandb_mode"] not in (None, "auto", "online", "offline", "off"):
+        fail(f"--wandb must be auto, online, offline or off, got {given['wandb_mode']!r}")
+    options = {("wandb" if k == "wandb_mode" else k): (str(v) if isinstance(v, Path) else v) for k, v in given.items()
+               if k not in ("checkpoint", "artifact", "project", "entity")}
+    return {**options, "condition": options["condition"] or []}
+
+
+def _sample_provenance(loaded, source, artifact: Optional[str]) -> tuple[str, dict]:
+    """(the output folder's run name, the model as sample.json records it); a model from an artifact is named
+    after its training run and version, as --checkpoint RUN_DIR names it after the run."""
+    from epure import tracking
+
+    model = {"checkpoint": str(Path(loaded.path).resolve()), "artifact": None, "artifact_version": None}
+    if not artifact:
+        return loaded.run_name, model
+    info = tracking.artifact_info(source)
+    model.update(artifact=info["qualified_name"], artifact_version=info["version"])
+    return f"{Path(info['metadata'].get('run_dir') or info['name']).name}-{info['version']}", model
+
+
+def _log_samples(loaded, report, record: dict, run_name: str, wandb_mode: Optional[str]) -> None:
+    """With W&B on (default: when the model came from W&B or was trained with it), a ``sample`` run logs each
+    folder's samples.csv as a table and the folders as a ``samples`` artifact."""
+    from epure import sample as sampling
+    from epure import tracking
+
     trained_by = tracking.training_run_info(loaded.path)
     tracking_mode = tracking.resolve_mode(wandb_mode or ("auto" if trained_by else "off"))
     if tracking_mode == "off":
@@ -416,13 +496,33 @@ def sample_command(
         console.print(f"W&B sampling run saved offline; upload it when online with: {sync_hint}", soft_wrap=True)
 
 
+def _write_inpainting(loaded, destination, components: Optional[list[str]], data: Optional[str],
+                      limit: Optional[int], joint: bool, joint_rule: str, mean: bool, binary: bool, batch_size: int,
+                      seed: int, cross_prior: Optional[str], record: dict):
+    """``epure sample --mode inpainting``: from each named component (or all of them together with --joint),
+    or from each design's own components (``--components available``)."""
+    from epure import sample as sampling
+
+    if not components:
+        fail(f"--mode inpainting needs --components (any of: {', '.join(loaded.components)}, or "
+             f"{sampling.AVAILABLE})")
+    split = sampling.completion_split(loaded, data, limit)
+    if list(components) == [sampling.AVAILABLE]:
+        return sampling.write_available_completions(
+            loaded, destination, split.images, split.conditions, list(split.ids), split.available, binary,
+            joint_rule, mean, batch_size, seed, cross_prior=cross_prior, record=record)
+    sets = [list(components)] if joint else [[c] for c in components]
+    return sampling.write_completions(loaded, destination, split.images, split.conditions, list(split.ids), sets,
+                                      binary, joint_rule, mean, batch_size, seed, cross_prior=cross_prior,
+                                      available=split.available, record=record)
+
+
 @app.command("evaluate")
 def evaluate_command(
-    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="Run directory or checkpoint file.")] = None,
-    artifact: Annotated[Optional[str], typer.Option(
-        "--artifact", help="W&B model artifact ENTITY/PROJECT/NAME:ALIAS or NAME:ALIAS (model-1a2b3c4d:best).")] = None,
-    project: Annotated[Optional[str], typer.Option("--project", help="W&B project of a NAME:ALIAS artifact.")] = None,
-    entity: Annotated[Optional[str], typer.Option("--entity", help="W&B entity of a NAME:ALIAS artifact.")] = None,
+    checkpoint: CheckpointOption = None,
+    artifact: ArtifactOption = None,
+    project: ArtifactProjectOption = None,
+    entity: ArtifactEntityOption = None,
     wandb_mode: Annotated[Optional[str], typer.Option(
         "--wandb", help="auto | online | offline | off (default: log when the model was trained with W&B).")] = None,
     data: Annotated[Optional[str], typer.Option("--data", help="Dataset to evaluate on (default: the training one's test split).")] = None,
@@ -447,26 +547,18 @@ def evaluate_command(
     diversity and coverage (each beside the real designs' own values)."""
     from epure import evaluate as evaluation
     from epure import tracking
-    from epure.checkpoint import CheckpointError, load_model
-    from epure.sample import SamplingError, completion_split
-    from epure.train import TrainingError, select_device
+    from epure.sample import completion_split
 
-    if (checkpoint is None) == (artifact is None):
-        fail("give either --checkpoint RUN_DIR_OR_FILE or --artifact ENTITY/PROJECT/NAME:ALIAS")
     options = evaluation.EvaluationOptions(limit=limit, seed=seed, bootstrap=bootstrap, subsets=subsets,
                                            joint=joint_rule, use_mean=mean, cross_prior=cross_prior, ood=ood,
                                            ood_margin=ood_margin, batch_size=batch_size, draws=draws)
-    try:
+    with reported_errors():
         options.check()
-        source = tracking.resolve_artifact(artifact, project, entity) if artifact else checkpoint
-        loaded = load_model(source, select_device(device))
+        loaded, source = chosen_model(checkpoint, artifact, project, entity, device)
         split = completion_split(loaded, data, limit)
         result = evaluation.evaluate(loaded, split, options, train=evaluation.training_split(loaded))
         result.info["data"] = str(data or loaded.config.data.root)
         written = evaluation.write_evaluation(result, loaded, split, out or evaluation.default_output(loaded))
-    except (CheckpointError, DatasetError, ConfigError, TrainingError, SamplingError,
-            evaluation.EvaluationError, tracking.ArtifactError) as err:
-        fail(str(err))
     evaluation.render_tables(result, Console())
     console.print(f"wrote {' and '.join(str(p) for p in written)}")
     trained_by = tracking.training_run_info(loaded.path)
@@ -495,14 +587,12 @@ def compare_command(
     from epure.viz import save_png
 
     entries, grids = [], []
-    try:
+    with reported_errors():
         for source in sources:
             is_wandb_run = not Path(source).exists() and source.count("/") == 2 and not source.endswith(".json")
             entries.append(tracking.fetch_run_metrics(source) if is_wandb_run else evaluation.load_evaluation(source))
             path = None if is_wandb_run else evaluation.evaluation_path(source)
             grids.append(path.with_name(f"{path.stem}_samples.png") if path else None)
-    except (evaluation.EvaluationError, tracking.ArtifactError) as err:
-        fail(str(err))
     Console().print(evaluation.comparison_table(entries, show_all))
     if out is not None:
         save_png(evaluation.comparison_picture(entries, grids), out)
@@ -521,10 +611,8 @@ def register_command(
     epure sample --artifact wandb-registry-model/NAME:ALIAS."""
     from epure import tracking
 
-    try:
+    with reported_errors():
         target = tracking.register_model(source, name, list(alias or []))
-    except (tracking.TrackingError, tracking.ArtifactError) as err:
-        fail(str(err))
     shown = f"{target}:{alias[0]}" if alias else f"{target}:latest"
     console.print(f"linked {source} to the W&B Registry: {target}; sample it with: epure sample --artifact {shown}",
                   soft_wrap=True)
@@ -546,7 +634,7 @@ def report_command(
     from epure import sweep as sweeping
     from epure import tracking
 
-    try:
+    with reported_errors():
         owner = tracking.report_entity(entity)
         parameters, metric = None, None
         if sweep_file is not None:
@@ -557,8 +645,6 @@ def report_command(
         report = tracking.build_report(project, owner, group=group, sweep=sweep, runs=runs, parameters=parameters,
                                        metric=metric, title=title)
         url = tracking.save_report(report)
-    except (tracking.TrackingError, sweeping.SweepError) as err:
-        fail(str(err))
     console.print(f"W&B report: {url}", soft_wrap=True)
 
 
@@ -568,6 +654,9 @@ def sweep_command(
     count: Annotated[Optional[int], typer.Option(
         "--count", help="Trials to run (this agent's share when online; offline grids default to the whole grid).")] = None,
     config: ConfigOption = None,
+    data: Annotated[Optional[str], typer.Option(
+        "--data", help="Dataset folder every trial trains on (or builtin:synthetic, builtin:toy).")] = None,
+    assignments: SetOption = None,
     project: Annotated[Optional[str], typer.Option("--project", help="W&B project (default: the config's).")] = None,
     entity: Annotated[Optional[str], typer.Option("--entity", help="W&B entity (user or team).")] = None,
     sweep_id: Annotated[Optional[str], typer.Option(
@@ -580,14 +669,14 @@ def sweep_command(
     from epure import sweep as sweeping
     from epure.tracking import TrackingError
 
-    try:
-        spec = sweeping.load_sweep(file, config)
-        outcome = sweeping.run_sweep(spec, count, "offline" if offline else wandb_mode, project, entity, sweep_id)
-    except (sweeping.SweepError, ConfigError, DatasetError) as err:
-        fail(str(err))
-    except TrackingError as err:
-        fail(f"{err}. Without a W&B sweep server, W&B's engine runs the same search here: "
-             f"epure sweep {file} --offline")
+    with reported_errors():
+        overrides = {**parse_overrides(assignments or []), **({"data.root": data} if data else {})}
+        spec = sweeping.load_sweep(file, config, overrides)
+        try:
+            outcome = sweeping.run_sweep(spec, count, "offline" if offline else wandb_mode, project, entity, sweep_id)
+        except TrackingError as err:
+            raise TrackingError(f"{err}. Without a W&B sweep server, W&B's engine runs the same search here: "
+                                f"epure sweep {file} --offline") from err
     Console().print(sweeping.trials_table(outcome))
     console.print(f"trials, best first: {outcome.csv_path}", soft_wrap=True)
     if outcome.sync_command:

@@ -1,5 +1,9 @@
 """One typed configuration for everything epure does, loaded from YAML and validated once at the edge.
 
+    >>> from epure.config import load_config, parse_overrides
+    >>> load_config("small").updated(parse_overrides(["model.beta=0.5"])).model.beta
+    0.5
+
 A config file has four sections, ``data``, ``model``, ``train`` and ``wandb``; any key left out keeps the
 default below. Dotted paths (``model.beta``) address single keys, from the CLI, from sweeps and in errors.
 """
@@ -57,11 +61,11 @@ class ModelConfig:
     nf_max: int = 128
     cond_dim: int = 2
     cond_hidden: list[int] = field(default_factory=lambda: [128, 256])
-    priorposterior: str = "Laplace"  # Laplace | Normal
-    likelihood: str = "bernoulli"  # bernoulli | continuous_bernoulli | normal | laplace
+    priorposterior: str = "Laplace"  # a latent family of epure.model.latents: Laplace | Normal
+    likelihood: str = "bernoulli"  # of epure.model.likelihoods: bernoulli | continuous_bernoulli | normal | laplace
     likelihood_scale: float = 0.75  # fixed scale of the normal / laplace likelihoods
     foreground_weight: float = 1.0  # weight of occupied pixels in the bernoulli likelihood (1: the plain one)
-    objective: str = "elbo"  # elbo | dreg (both the stratified importance-weighted bound for K > 1)
+    objective: str = "elbo"  # of epure.model.objectives: elbo | dreg (both the stratified bound for K > 1)
     beta: float = 2.5
     K: int = 1
     cross_prior: str = "prior"  # completion: unobserved components' private latents from p(w) (paper) or r_m(w) (aux)
@@ -120,9 +124,8 @@ class Config:
         """A validated copy with dotted-key overrides applied (``{"model.beta": 1.0}``)."""
         tree = self.to_dict()
         for dotted, value in overrides.items():
+            key_type(dotted)  # an unknown key names the closest one
             section, _, key = dotted.partition(".")
-            if not key or section not in tree or key not in tree[section]:
-                raise ConfigError(f"unknown config key '{dotted}'{_suggest(dotted, dotted_keys())}")
             tree[section][key] = value
         return config_from_dict(tree)
 
@@ -133,6 +136,46 @@ def dotted_keys() -> list[str]:
 
 
 _SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "wandb": WandbConfig}
+_EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # 3e-4: a string to YAML 1.1
+
+
+def key_type(dotted: str) -> Any:
+    """The type annotation of a dotted config key; an unknown key is a ConfigError naming the closest one."""
+    section, _, key = dotted.partition(".")
+    hints = typing.get_type_hints(_SECTIONS[section]) if section in _SECTIONS else {}
+    if key not in hints:
+        raise ConfigError(f"unknown config key '{dotted}'{_suggest(dotted, dotted_keys())}")
+    return hints[key]
+
+
+def parse_overrides(pairs: list[str] | tuple[str, ...], option: str = "--set") -> dict[str, Any]:
+    """``KEY=VALUE`` strings -> overrides for ``Config.updated``, with the dotted keys of config files and sweeps.
+
+    A value is YAML, as in a config file (``[32, 64]``, ``null``, ``true``), and is type-checked and validated
+    by ``Config.updated`` as a config file's is; a number in exponent notation (``3e-4``) is a number where the
+    key takes one. A misspelt key names the closest one.
+
+        >>> parse_overrides(["model.beta=0.5", "train.lr=3e-4"])
+        {'model.beta': 0.5, 'train.lr': 0.0003}
+    """
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"{option} {pair!r}: expected KEY=VALUE, e.g. model.beta=0.5")
+        try:
+            annotation = key_type(key)
+            value = yaml.safe_load(text)
+        except ConfigError as err:
+            raise ConfigError(f"{option} {pair!r}: {err}") from err
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{option} {pair!r}: the value is not valid YAML: {err}") from err
+        if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()) and (
+                annotation in (int, float) or float in typing.get_args(annotation)):
+            value = float(value)  # an integer key takes a whole number too
+        overrides[key] = value
+    return overrides
 
 
 def _suggest(name: str, valid: list[str]) -> str:
@@ -205,6 +248,17 @@ def config_from_dict(tree: dict[str, Any] | None) -> Config:
     return config
 
 
+def model_registries() -> tuple[dict, dict, dict, tuple[str, ...]]:
+    """The registered latent families, likelihoods and objectives (name -> definition) and the completion
+    rules, which the model keys choose from. Imported on use: the model package imports this module."""
+    from epure.model.generation import CROSS_PRIORS
+    from epure.model.latents import FAMILIES
+    from epure.model.likelihoods import LIKELIHOODS
+    from epure.model.objectives import OBJECTIVES
+
+    return FAMILIES, LIKELIHOODS, OBJECTIVES, CROSS_PRIORS
+
+
 def validate(config: Config) -> None:
     """Cross-field checks, once, before anything runs."""
     d, m, t, w = config.data, config.model, config.train, config.wandb
@@ -233,12 +287,13 @@ def validate(config: Config) -> None:
                        ("train.batch_size", t.batch_size), ("train.epochs", t.epochs), ("train.val_every", t.val_every)]:
         if value <= 0:
             raise ConfigError(f"config key '{key}' must be positive, got {value}")
+    families, likelihoods, objectives, cross_priors = model_registries()
     choices = {
-        "model.priorposterior": (m.priorposterior, ["Laplace", "Normal"]),
-        "model.likelihood": (m.likelihood, ["bernoulli", "continuous_bernoulli", "normal", "laplace"]),
+        "model.priorposterior": (m.priorposterior, list(families)),
+        "model.likelihood": (m.likelihood, list(likelihoods)),
         "data.missing": (d.missing, ["error", "allow"]),
-        "model.objective": (m.objective, ["elbo", "dreg"]),
-        "model.cross_prior": (m.cross_prior, ["prior", "aux"]),
+        "model.objective": (m.objective, list(objectives)),
+        "model.cross_prior": (m.cross_prior, list(cross_priors)),
         "train.device": (t.device, ["auto", "cpu", "cuda", "mps"]),
         "train.lr_schedule": (t.lr_schedule, ["constant", "cosine"]),
         "wandb.mode": (w.mode, ["auto", "online", "offline", "off"]),
@@ -252,8 +307,9 @@ def validate(config: Config) -> None:
                           f"or wandb-registry-REGISTRY/NAME, got {w.register!r}")
     if m.foreground_weight <= 0:
         raise ConfigError(f"model.foreground_weight must be positive, got {m.foreground_weight}")
-    if m.foreground_weight != 1.0 and m.likelihood != "bernoulli":
-        raise ConfigError(f"model.foreground_weight applies to the bernoulli likelihood only; it is "
+    if m.foreground_weight != 1.0 and not likelihoods[m.likelihood].foreground_weight:
+        weighted = [name for name, likelihood in likelihoods.items() if likelihood.foreground_weight]
+        raise ConfigError(f"model.foreground_weight applies to the {' and '.join(weighted)} likelihood only; it is "
                           f"{m.foreground_weight} with model.likelihood {m.likelihood!r}")
     if m.beta < 0 or t.lr <= 0:
         raise ConfigError(f"model.beta must be >= 0 and train.lr > 0, got beta={m.beta}, lr={t.lr}")

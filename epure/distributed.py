@@ -1,5 +1,7 @@
 """Multi-process training with torch.distributed: set-up from torchrun's environment, and reductions.
 
+    epure train --devices 2 --max-steps 20   # two local processes under torchrun
+
 ``torchrun --nproc_per_node=N -m epure train ...`` sets RANK, WORLD_SIZE and LOCAL_RANK; every process
 then trains on its own share of each global batch (``train.batch_size`` examples per process), gradients
 are all-reduced by DistributedDataParallel, and only rank 0 writes checkpoints and talks to W&B. NCCL

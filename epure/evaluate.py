@@ -1,5 +1,7 @@
 """Evaluating a trained model on a test split: how well it completes, generates and follows the dimensions.
 
+    epure evaluate --checkpoint outputs/mmvaeplus/<run> --limit 200
+
 Three families of metrics (defined in ``docs/metrics.md``), all under stable flat names (``eval/...``) so that
 runs compare and log the same way:
 
@@ -44,6 +46,7 @@ from epure.io import atomic_write_json
 from epure.metrics import (binarize, bootstrap_std, centre_of_mass, component_descriptors, dice, iou,
                            manifold_scores, mean_pairwise_iou, mean_pairwise_iou_within, nearest_iou, piece_counts,
                            standardise, wasserstein)
+from epure.model.generation import CROSS_PRIORS, JOINT_RULES
 from epure.neighbours import nearest_designs
 from epure.sample import complete, cross_matrix_image, generate
 from epure.viz import composite, grid, save_png
@@ -54,8 +57,6 @@ JSON_FORMAT = 1
 PREFIX = "eval"
 # Condition columns that measure_dimensions measures, in its output order, with their short metric names.
 DIMENSIONS = {"width_px": "width", "height_px": "height"}
-JOINT_RULES = ("mixture", "product")
-CROSS_PRIORS = ("prior", "aux")
 RATES = ("union_one_piece", "all_one_piece")  # shares of designs; every other distribution metric is a distance
 KNN = 5  # k of the k-NN manifolds, as Kynkaanniemi et al. (2019) and Naeem et al. (2020) recommend
 MEMORISED_IOU = 0.95  # a design this close to a training design counts as a copy of it
@@ -198,47 +199,9 @@ def evaluate(loaded: LoadedModel, split: Split, options: EvaluationOptions | Non
             log.info("%d of %d designs lack some component(s): completions are scored on the targets that exist "
                      "(counts in 'scored'); distribution and dimension metrics use the %d complete designs",
                      int((~whole).sum()), len(split), int(whole.sum()))
-        uncond, uncond_std, real, dims = {}, {}, {}, {}
-        if whole.any():
-            clock = time.perf_counter()
-            truth = split.subset(np.flatnonzero(whole))
-            generated = _generate(fast, truth.conditions, options)
-            timings["unconditional"] = time.perf_counter() - clock
-            clock = time.perf_counter()
-            uncond, uncond_std, real = distribution_scores(generated, binarize(truth.images), loaded.components,
-                                                           options.bootstrap, options.seed)
-            dims = dimension_errors(generated, truth.conditions, split.condition_columns)
-            real.update(dimension_errors(binarize(truth.images), truth.conditions, split.condition_columns))
-            timings["distribution_metrics"] = time.perf_counter() - clock
-            log.info("unconditional generation %.1f s, its metrics %.1f s", timings["unconditional"],
-                     timings["distribution_metrics"])
-        else:
-            log.warning("no design of the data has every component: no generated design is compared with a real "
-                        "one (distribution and dimension metrics left out)")
-
-        diversity: dict[str, float] = {}
-        if whole.any():  # like the distribution metrics, on the complete designs
-            clock = time.perf_counter()
-            train_masks = binarize(train.images) if train is not None else None
-            diversity, real_diversity = diversity_scores(generated, binarize(truth.images), train_masks, options.seed)
-            spread, real_spread = completion_diversity(fast, truth, train, options)
-            diversity.update(spread)
-            real.update(real_diversity)
-            real.update(real_spread)
-            timings["diversity"] = time.perf_counter() - clock
-            log.info("diversity metrics %.1f s", timings["diversity"])
-
-        dims_ood: dict[str, float] = {}
-        ood_values: dict[str, list[float]] = {}
-        if options.ood:
-            clock = time.perf_counter()
-            requests = ood_conditions(loaded.normalizer, split.conditions, loaded.config.data.image_size,
-                                      options.ood_margin)
-            for column, raw in requests.items():
-                ood_values[column] = sorted(set(raw[:, split.condition_columns.index(column)].tolist()))
-                errors = dimension_errors(_generate(fast, raw, options), raw, split.condition_columns)
-                dims_ood[f"{DIMENSIONS[column]}_mae"] = errors[f"{DIMENSIONS[column]}_mae"]
-            timings["ood"] = time.perf_counter() - clock
+        uncond, uncond_std, real, dims, diversity = whole_design_scores(fast, split.subset(np.flatnonzero(whole)),
+                                                                        train, options, timings)
+        dims_ood, ood_values = ood_scores(fast, split, options, timings) if options.ood else ({}, {})
     timings["total"] = time.perf_counter() - begin
     info = {"run": loaded.run_name, "checkpoint": str(loaded.path), "step": loaded.meta.get("step"),
             "epoch": loaded.meta.get("epoch"), "examples": len(whole), "complete_examples": int(whole.sum()),
@@ -249,6 +212,52 @@ def evaluate(loaded: LoadedModel, split: Split, options: EvaluationOptions | Non
     labels = ["+".join(loaded.components[i] for i in s) for s in observed_sets]
     return EvaluationResult(list(loaded.components), labels, iou_matrix, dice_matrix, uncond, uncond_std, real,
                             dims, dims_ood, diversity, info, scored)
+
+
+def whole_design_scores(fast: LoadedModel, truth: Split, train: Split | None, options: EvaluationOptions,
+                        timings: dict[str, float]) -> tuple[dict, dict, dict, dict, dict]:
+    """Unconditional generation against the complete designs ``truth``: distribution, dimension and diversity
+    scores (uncond, uncond_std, real, dims, diversity); all empty when no design is complete."""
+    if not len(truth):
+        log.warning("no design of the data has every component: no generated design is compared with a real "
+                    "one (distribution and dimension metrics left out)")
+        return {}, {}, {}, {}, {}
+    clock = time.perf_counter()
+    generated = _generate(fast, truth.conditions, options)
+    timings["unconditional"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    uncond, uncond_std, real = distribution_scores(generated, binarize(truth.images), fast.components,
+                                                   options.bootstrap, options.seed)
+    dims = dimension_errors(generated, truth.conditions, truth.condition_columns)
+    real.update(dimension_errors(binarize(truth.images), truth.conditions, truth.condition_columns))
+    timings["distribution_metrics"] = time.perf_counter() - clock
+    log.info("unconditional generation %.1f s, its metrics %.1f s", timings["unconditional"],
+             timings["distribution_metrics"])
+    clock = time.perf_counter()  # diversity, like the distribution metrics, on the complete designs
+    train_masks = binarize(train.images) if train is not None else None
+    diversity, real_diversity = diversity_scores(generated, binarize(truth.images), train_masks, options.seed)
+    spread, real_spread = completion_diversity(fast, truth, train, options)
+    diversity.update(spread)
+    real.update(real_diversity)
+    real.update(real_spread)
+    timings["diversity"] = time.perf_counter() - clock
+    log.info("diversity metrics %.1f s", timings["diversity"])
+    return uncond, uncond_std, real, dims, diversity
+
+
+def ood_scores(fast: LoadedModel, split: Split, options: EvaluationOptions,
+               timings: dict[str, float]) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Dimension errors of designs requested just outside the training range, and the values requested."""
+    clock = time.perf_counter()
+    dims_ood: dict[str, float] = {}
+    ood_values: dict[str, list[float]] = {}
+    requests = ood_conditions(fast.normalizer, split.conditions, fast.config.data.image_size, options.ood_margin)
+    for column, raw in requests.items():
+        ood_values[column] = sorted(set(raw[:, split.condition_columns.index(column)].tolist()))
+        errors = dimension_errors(_generate(fast, raw, options), raw, split.condition_columns)
+        dims_ood[f"{DIMENSIONS[column]}_mae"] = errors[f"{DIMENSIONS[column]}_mae"]
+    timings["ood"] = time.perf_counter() - clock
+    return dims_ood, ood_values
 
 
 def _inference_copy(loaded: LoadedModel) -> LoadedModel:

@@ -1,4 +1,10 @@
-"""Atomic file writes: a reader never sees a half-written file, and a crash never leaves one."""
+"""Atomic file writes: a reader never sees a half-written file, and a crash never leaves one.
+
+    >>> import tempfile; from pathlib import Path; from epure.io import atomic_write_text
+    >>> path = Path(tempfile.mkdtemp()) / "note.txt"
+    >>> atomic_write_text(path, "kept whole"); path.read_text()
+    'kept whole'
+"""
 
 from __future__ import annotations
 

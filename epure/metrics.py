@@ -1,5 +1,10 @@
 """Metric functions on masks and samples: pure numpy (and scipy), vectorised over a leading batch axis.
 
+    >>> import numpy as np
+    >>> from epure.metrics import iou
+    >>> iou(np.eye(4, dtype=bool)[None], np.ones((1, 4, 4), dtype=bool))  # 4 of 16 pixels
+    array([0.25])
+
 Masks are arrays ``[..., H, W]``; every function works on many designs at once so that evaluating thousands
 of designs costs a few array passes, not a Python loop per design. Definitions are in ``docs/metrics.md``.
 """

@@ -1,5 +1,7 @@
 """References that need no training, built from the training designs nearest to a partly observed design.
 
+    epure evaluate --checkpoint outputs/mmvaeplus/<run>   # the k-NN baseline and references
+
 - ``nearest_designs``: the k training designs nearest to each query in its observed components and its
   conditions;
 - ``knn_completion``: the k-NN completion baseline, the average of those neighbours' masks, thresholded;

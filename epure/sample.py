@@ -1,5 +1,7 @@
 """Sampling from a trained model: whole designs from the prior, or completions from observed components.
 
+    epure sample --checkpoint outputs/mmvaeplus/<run> --mode inpainting --components group_nc
+
 Generation runs in fixed-size batches and writes each batch before the next, so memory stays flat for any
 number of samples. Files follow the users' own layout:
 
@@ -42,6 +44,7 @@ import epure
 from epure.checkpoint import LoadedModel
 from epure.data.dimensions import measure_dimensions
 from epure.io import atomic_write_json, atomic_write_text, claim_dir
+from epure.model.generation import completion_probabilities, unconditional_probabilities
 from epure.viz import composite, design_grid, grid, save_png
 
 log = logging.getLogger(__name__)
@@ -161,7 +164,7 @@ def generate(loaded: LoadedModel, raw_conditions: np.ndarray, batch_size: int = 
     generator = torch.Generator(device=next(loaded.model.parameters()).device).manual_seed(seed)
     for start in range(0, len(raw_conditions), batch_size):
         cond = _to_tensor(loaded, raw_conditions[start: start + batch_size])
-        yield loaded.model.generate(loaded.model.embed(cond), generator).cpu().numpy()
+        yield unconditional_probabilities(loaded.model, cond, generator).cpu().numpy()
 
 
 @torch.no_grad()
@@ -170,15 +173,16 @@ def complete(loaded: LoadedModel, images: np.ndarray, raw_conditions: np.ndarray
              cross_prior: str | None = None) -> Iterator[np.ndarray]:
     """Every component generated from the ``observed`` ones of uint8 designs [N, M, H, W], in batches.
 
-    ``cross_prior`` (``prior`` | ``aux``; None: the model's ``model.cross_prior``): see ``MMVAEPlus.complete``.
+    ``cross_prior`` (``prior`` | ``aux``; None: the model's ``model.cross_prior``): see
+    ``epure.model.generation.completion_probabilities``.
     """
     device = next(loaded.model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     for start in range(0, len(images), batch_size):
         x = torch.from_numpy(images[start: start + batch_size]).to(device).float().div_(255)
         cond = _to_tensor(loaded, raw_conditions[start: start + batch_size])
-        yield loaded.model.complete(x, loaded.model.embed(cond), observed, joint, use_mean, generator,
-                                    cross_prior=cross_prior).cpu().numpy()
+        yield completion_probabilities(loaded.model, x, cond, observed, joint, use_mean, generator,
+                                       cross_prior).cpu().numpy()
 
 
 def to_png_array(probs: np.ndarray, binary: bool) -> np.ndarray:

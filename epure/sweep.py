@@ -1,5 +1,7 @@
 """Hyperparameter sweeps: W&B's sweep YAML, run by a W&B server or fully offline by W&B's own sweep engine.
 
+    epure sweep sweeps/quick.yaml --data data/synth --offline
+
 A sweep file is W&B's sweep schema (method, metric, parameters, early_terminate, ...), with dotted config keys
 (``model.beta``) as parameter names, plus one section of epure's own, ``epure:`` (which base config, how many
 validation designs to score, the offline engine's seed). W&B's schema allows no other top-level key, so that
@@ -157,8 +159,10 @@ class SweepOutcome:
 # --------------------------------------------------------------------------------------------- sweep files
 
 
-def load_sweep(path: str | Path, config: str | Path | None = None) -> SweepSpec:
-    """Read and validate a sweep file; ``config`` (a YAML file or built-in name) replaces ``epure.config``."""
+def load_sweep(path: str | Path, config: str | Path | None = None,
+               overrides: dict[str, Any] | None = None) -> SweepSpec:
+    """Read and validate a sweep file; ``config`` (a YAML file or built-in name) replaces ``epure.config``, and
+    ``overrides`` (dotted keys, as ``epure sweep --data/--set`` give them) apply to it for every trial."""
     path = Path(path)
     if not path.is_file():
         raise SweepError(f"sweep file not found: {path}")
@@ -203,13 +207,23 @@ def load_sweep(path: str | Path, config: str | Path | None = None) -> SweepSpec:
         except ValueError as err:
             raise SweepError(f"{path}: early_terminate: {err}") from err
 
-    try:
-        base = load_config(config if config is not None else _beside(path, extension.get("config")))
-    except ConfigError as err:
-        raise SweepError(f"{path}: base config: {err}") from err
+    base = _base_config(path, config if config is not None else _beside(path, extension.get("config")),
+                        overrides or {}, parameters)
     _check_values(path, values, base)
     return SweepSpec(path, str(definition.get("name") or path.stem), definition, base,
                      extension.get("eval_limit") or DEFAULT_EVAL_LIMIT, extension.get("seed") or 0)
+
+
+def _base_config(path: Path, source: str | Path | None, overrides: dict[str, Any], parameters: dict) -> Config:
+    """The trials' shared config: ``source`` with ``overrides``, none of which the sweep searches."""
+    searched = sorted(set(overrides) & set(parameters))
+    if searched:
+        raise SweepError(f"{path}: {searched[0]} is searched by the sweep: set it in the sweep file's parameters, "
+                         "not on the command line")
+    try:
+        return load_config(source).updated(overrides)
+    except ConfigError as err:
+        raise SweepError(f"{path}: base config: {err}") from err
 
 
 def _beside(sweep_file: Path, source: str | Path | None) -> str | Path | None:

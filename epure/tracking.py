@@ -1,5 +1,7 @@
 """Experiment tracking: every Weights & Biases call of epure lives in this module.
 
+    epure train --wandb offline --max-steps 20   # a W&B run saved offline; wandb sync uploads it
+
 Training talks to a ``Tracker``; ``NullTracker`` is what runs when tracking is off, so the training loop
 never checks whether W&B is there. ``WandbTracker`` wraps every W&B call: the first error is reported once
 and the tracker goes quiet, so W&B trouble never costs a training run (local checkpoints are written by the

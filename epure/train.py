@@ -1,5 +1,12 @@
 """Training MMVAE+: one loop, top to bottom.
 
+    epure train --set model.beta=0.5 train.lr=3e-4 --max-steps 20
+
+``train`` reads top to bottom: ``set_up`` (a new run, or a resumed one), then for every batch
+``optimiser_step`` and at every epoch's end ``end_of_epoch`` (validation, checkpoints, pictures), then
+``finish``. ``TrainState`` is exactly what a checkpoint holds; ``Session`` the rest of one process's run; one
+``Status`` value says whether the loop goes on and, at the end, how it ended.
+
 The whole train split sits in memory as uint8 (on the training device); each epoch draws a permutation
 from (seed, epoch), so a run resumed from a checkpoint at any step sees the same batches and, with the RNG
 state restored, the same noise as an uninterrupted one.
@@ -16,8 +23,9 @@ import os
 import shutil
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +38,9 @@ from epure import distributed
 from epure.checkpoint import (CheckpointError, LoadedModel, git_commit, numpy_rng_state, read_run_checkpoint,
                               save_checkpoint, set_aside_damaged, set_numpy_rng_state)
 from epure.config import Config, TrainConfig, config_from_dict, save_config
-from epure.data import DataBundle, load_data
+from epure.data import ConditionNormalizer, DataBundle, load_data
 from epure.io import atomic_write_json, atomic_write_text, claim_dir
-from epure.model import MMVAEPlus, build_model, forward_objective
+from epure.model import MMVAEPlus, forward_objective
 from epure.tracking import NullTracker
 
 log = logging.getLogger(__name__)
@@ -263,6 +271,106 @@ def preflight(output_dir: Path, model: MMVAEPlus) -> None:
                             f"{needed / 2**20:.0f} MiB")
 
 
+class Status(str, Enum):
+    """Where a run stands: the one value that steers the loop; the last three are how it ended."""
+
+    RUNNING = "running"
+    FINISHED = "finished"  # every epoch trained
+    BUDGET = "budget"  # train.max_steps or train.max_minutes reached
+    INTERRUPTED = "interrupted"  # SIGINT/SIGTERM: stopped after a checkpoint that --resume continues from
+
+
+@dataclass
+class TrainState:
+    """Exactly what a checkpoint holds: a resumed run continues from this and nothing else."""
+
+    model: MMVAEPlus
+    optimizer: torch.optim.Optimizer
+    config: Config
+    normalizer: ConditionNormalizer
+    data_fingerprint: str
+    train_conditions: torch.Tensor  # the train split's raw condition rows: unconditional sampling draws from them
+    git_commit: str | None
+    data_changes: list[dict[str, Any]] = field(default_factory=list)
+    epoch: int = 0  # epochs completed
+    batch_in_epoch: int = 0  # batches of the current epoch done
+    step: int = 0  # optimiser steps taken
+    val_loss: float | None = None  # the last validation's loss at an epoch's end; None mid-epoch
+    best_val_loss: float = math.inf
+    schedule_progress: float = 0.0  # share of the budget spent: the learning-rate schedule's clock
+
+    def checkpoint(self) -> dict[str, Any]:
+        """The checkpoint's contents; the RNG state is the one of this moment."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "config": self.config.to_dict(), "components": list(self.config.data.components),
+                "normalizer": self.normalizer.to_dict(), "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "step": self.step, "val_loss": self.val_loss, "best_val_loss": self.best_val_loss,
+                "schedule_progress": self.schedule_progress, "rng": rng_state(),
+                "data_fingerprint": self.data_fingerprint, "data_changes": self.data_changes,
+                "git_commit": self.git_commit, "train_conditions": self.train_conditions}
+
+    def restore(self, checkpoint: dict[str, Any]) -> None:
+        """Continue from a checkpoint: weights, optimiser, counters, and the RNG where it was."""
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.epoch, self.step = checkpoint["epoch"], checkpoint["step"]
+        self.batch_in_epoch = checkpoint.get("batch_in_epoch", 0)
+        self.best_val_loss = checkpoint.get("best_val_loss", math.inf)
+        self.schedule_progress = checkpoint.get("schedule_progress", 0.0)
+        set_rng_state(checkpoint["rng"])
+
+
+@dataclass
+class Session:
+    """One process's training around its TrainState: what a checkpoint does not hold (the process group, the
+    data on the device, the tracker, the progress bar, clocks, the rows of metrics.csv)."""
+
+    state: TrainState
+    ctx: distributed.Distributed
+    run_dir: Path
+    data: DataBundle
+    tracker: Any
+    step_module: nn.Module
+    train_x: torch.Tensor  # uint8 images [N, M, H, W]
+    train_c: torch.Tensor  # normalised conditions [N, C]
+    train_a: torch.Tensor  # bool [N, M]: which components each design has
+    val_x: torch.Tensor
+    val_c: torch.Tensor
+    val_a: torch.Tensor
+    steps_per_epoch: int
+    planned_steps: int
+    history: list[dict[str, Any]]
+    start_progress: float  # the budget a resumed run had spent
+    stop: StopFlag = field(default_factory=StopFlag)
+    status: Status = Status.RUNNING
+    progress: Progress | None = None
+    skipped: int = 0  # non-finite steps skipped in all
+    nonfinite_run: int = 0  # ... in a row, up to now
+    loss: float = math.nan
+    last_val: float = math.nan
+    start_time: float = field(default_factory=time.monotonic)
+    last_checkpoint_time: float = field(default_factory=time.monotonic)
+    window_start: float = field(default_factory=time.monotonic)  # of the samples/s figure
+    window_samples: int = 0
+
+    @property
+    def cfg(self) -> Config:
+        return self.state.config
+
+    def save(self, name: str) -> None:
+        """Write the state to checkpoints/NAME (rank 0 only); a full disk is a TrainingError that loses nothing."""
+        if self.ctx.is_main:
+            path = self.run_dir / "checkpoints" / name
+            try:
+                save_checkpoint(path, self.state.checkpoint(), keep_previous=name == "last.pt")
+            except OSError as err:  # e.g. the disk filled up since preflight
+                raise TrainingError(f"{path}: could not write the checkpoint ({err}); the checkpoints already "
+                                    f"there are intact: make room, then continue with epure train --resume "
+                                    f"{self.run_dir}") from err
+        if name == "last.pt":
+            self.last_checkpoint_time = time.monotonic()
+
+
 def train(cfg: Config, *, resume: str | Path | None = None, data: DataBundle | None = None, tracker=None,
           images_fn=None, allow_data_change: bool = False) -> TrainResult:
     """Train (or resume) a model; returns where the run lives and how it ended.
@@ -272,17 +380,30 @@ def train(cfg: Config, *, resume: str | Path | None = None, data: DataBundle | N
     Under torchrun every process calls this; rank 0 alone writes files and talks to the tracker.
     A resumed run refuses data whose fingerprint differs from its checkpoint's unless ``allow_data_change``.
     """
-    resume_state = None
+    session = set_up(cfg, resume, data, tracker, allow_data_change)
+    state, tc = session.state, session.cfg.train
+    with session.stop, session.progress:
+        while state.epoch < tc.epochs and session.status is Status.RUNNING:
+            order = epoch_permutation(len(session.train_x), tc.seed, state.epoch).to(session.train_x.device)
+            while state.batch_in_epoch < session.steps_per_epoch and session.status is Status.RUNNING:
+                optimiser_step(session, order)
+            if state.batch_in_epoch < session.steps_per_epoch and session.status is Status.INTERRUPTED:
+                break  # last.pt already records where; resume continues from there
+            end_of_epoch(session, images_fn)
+    return finish(session)
+
+
+# ------------------------------------------------------------------------------------ set up or resume
+
+
+def set_up(cfg: Config, resume: str | Path | None, data: DataBundle | None, tracker,
+           allow_data_change: bool) -> Session:
+    """A new run (its directory and config written), or a resumed one (its checkpoint restored), on this
+    process's device, with the data on it."""
+    resume_path, checkpoint = None, None
     if resume is not None:
-        run_dir = Path(resume)
-        resume_path, resume_state = read_run_checkpoint(run_dir, prefer="last")
-        if "optimizer" not in resume_state or "rng" not in resume_state:
-            raise CheckpointError(f"{resume_path}: holds weights only (no optimiser and RNG state); it can be "
-                                  "sampled from but not resumed")
-        stored = config_from_dict(resume_state["config"])
-        stored.train.epochs, stored.train.max_steps = cfg.train.epochs, cfg.train.max_steps
-        stored.train.max_minutes, stored.train.device = cfg.train.max_minutes, cfg.train.device
-        cfg = stored
+        resume_path, checkpoint = read_run_checkpoint(Path(resume), prefer="last")
+        cfg = resumed_config(resume_path, checkpoint, cfg)
     tc = cfg.train
     ctx, device_name = distributed.start(tc.device)
     device = select_device(device_name) if not device_name.startswith("cuda:") else torch.device(device_name)
@@ -292,201 +413,229 @@ def train(cfg: Config, *, resume: str | Path | None = None, data: DataBundle | N
     if data is None:
         with interruptible_loading():
             data = load_data(cfg.data)
-    data_changes = [] if resume_state is None else data_changes_on_resume(resume_path, resume_state, data,
-                                                                          allow_data_change)
-    normalizer = data.normalizer
-    model = build_model(cfg.model, cfg.data.components, cfg.data.image_size).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, amsgrad=tc.amsgrad)
+    data_changes = [] if checkpoint is None else data_changes_on_resume(resume_path, checkpoint, data,
+                                                                        allow_data_change)
+    model = MMVAEPlus(cfg.model, cfg.data.components, cfg.data.image_size).to(device)
+    state = TrainState(model, torch.optim.Adam(model.parameters(), lr=tc.lr, amsgrad=tc.amsgrad), cfg,
+                       data.normalizer, data.fingerprint, torch.tensor(data.train.conditions, dtype=torch.float32),
+                       git_commit(), data_changes)
     step_module: nn.Module = ObjectiveStep(model, cfg)
     if ctx.enabled:
         step_module = nn.parallel.DistributedDataParallel(
             step_module, device_ids=[device.index] if device.type == "cuda" else None)
-
-    epoch, step, batch_in_epoch, best_val, start_progress = 0, 0, 0, math.inf, 0.0
-    history: list[dict[str, Any]] = []
-    if resume_state is not None:
-        model.load_state_dict(resume_state["model"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        epoch, step = resume_state["epoch"], resume_state["step"]
-        batch_in_epoch = resume_state.get("batch_in_epoch", 0)
-        best_val = resume_state.get("best_val_loss", math.inf)
-        start_progress = resume_state.get("schedule_progress", 0.0)
-        set_rng_state(resume_state["rng"])
-        # rows written after the checkpoint (one that fell back to an older file) are redone
-        history = [row for row in read_metrics_csv(run_dir / "metrics.csv") if int(row["step"]) <= step]
-        if ctx.is_main:
-            preflight(run_dir, model)
-            set_aside_damaged(run_dir, resume_path)
-        log.info("resuming %s from %s at epoch %d, step %d", run_dir, resume_path.name, epoch, step)
-    elif ctx.is_main:
-        preflight(Path(tc.output_dir), model)
-        run_dir = new_run_dir(tc.output_dir)
-        save_config(cfg, run_dir / "config.yaml")
-        atomic_write_json(run_dir / "normalization.json", normalizer.to_dict())
-        atomic_write_json(run_dir / "components.json", list(cfg.data.components))
-    run_dir = Path(distributed.broadcast_object(ctx, str(run_dir) if ctx.is_main or resume else None))
-    if ctx.is_main:
-        (run_dir / "checkpoints").mkdir(exist_ok=True)
+    run_dir, history = open_run_dir(ctx, state, resume, resume_path, checkpoint)
     tracker.start(run_dir, cfg)
     tracker.use_dataset(data, cfg.data)
     tracker.log_config({"data_availability": {name: getattr(data, name).availability()
                                               for name in ("train", "val", "test")}})
+    return session_on_device(state, ctx, device, run_dir, data, tracker, step_module, history)
 
+
+def resumed_config(path: Path, checkpoint: dict[str, Any], cfg: Config) -> Config:
+    """The run's own config, with this call's budget and device."""
+    if "optimizer" not in checkpoint or "rng" not in checkpoint:
+        raise CheckpointError(f"{path}: holds weights only (no optimiser and RNG state); it can be "
+                              "sampled from but not resumed")
+    stored = config_from_dict(checkpoint["config"])
+    stored.train.epochs, stored.train.max_steps = cfg.train.epochs, cfg.train.max_steps
+    stored.train.max_minutes, stored.train.device = cfg.train.max_minutes, cfg.train.device
+    return stored
+
+
+def open_run_dir(ctx: distributed.Distributed, state: TrainState, resume: str | Path | None,
+                 resume_path: Path | None, checkpoint: dict[str, Any] | None) -> tuple[Path, list[dict[str, Any]]]:
+    """The run directory (rank 0 creates a new one) and the metrics.csv rows so far; restores a checkpoint."""
+    cfg, history, run_dir = state.config, [], None
+    if checkpoint is not None:
+        run_dir = Path(resume)
+        state.restore(checkpoint)
+        # rows written after the checkpoint (one that fell back to an older file) are redone
+        history = [row for row in read_metrics_csv(run_dir / "metrics.csv") if int(row["step"]) <= state.step]
+        if ctx.is_main:
+            preflight(run_dir, state.model)
+            set_aside_damaged(run_dir, resume_path)
+        log.info("resuming %s from %s at epoch %d, step %d", run_dir, resume_path.name, state.epoch, state.step)
+    elif ctx.is_main:
+        preflight(Path(cfg.train.output_dir), state.model)
+        run_dir = new_run_dir(cfg.train.output_dir)
+        save_config(cfg, run_dir / "config.yaml")
+        atomic_write_json(run_dir / "normalization.json", state.normalizer.to_dict())
+        atomic_write_json(run_dir / "components.json", list(cfg.data.components))
+    run_dir = Path(distributed.broadcast_object(ctx, str(run_dir) if run_dir is not None else None))
+    if ctx.is_main:
+        (run_dir / "checkpoints").mkdir(exist_ok=True)
+    return run_dir, history
+
+
+def session_on_device(state: TrainState, ctx: distributed.Distributed, device: torch.device, run_dir: Path,
+                      data: DataBundle, tracker, step_module: nn.Module, history: list[dict[str, Any]]) -> Session:
+    """The data on the device (each rank validates its share) and the step budget."""
+    tc, normalizer = state.config.train, state.normalizer
     train_x = torch.from_numpy(data.train.images).to(device)
     train_c = torch.from_numpy(normalizer.normalize(data.train.conditions)).to(device)
     train_a = torch.from_numpy(data.train.available).to(device)  # which components each design has
-    val_rows = np.arange(ctx.rank, len(data.val), ctx.world_size)  # each rank validates its share
+    val_rows = np.arange(ctx.rank, len(data.val), ctx.world_size)
     val_x = torch.from_numpy(data.val.images[val_rows]).to(device)
     val_c = torch.from_numpy(normalizer.normalize(data.val.conditions[val_rows])).to(device)
     val_a = torch.from_numpy(data.val.available[val_rows]).to(device)
-    n, batch = len(train_x), tc.batch_size
-    global_batch = batch * ctx.world_size
+    n, global_batch = len(train_x), tc.batch_size * ctx.world_size
     # one process keeps the last partial batch; several drop it, so every rank gets a full share
     steps_per_epoch = math.ceil(n / global_batch) if not ctx.enabled else n // global_batch
     if steps_per_epoch == 0:
         raise TrainingError(f"{n} training designs cannot fill one global batch of {global_batch} "
-                            f"({ctx.world_size} processes x batch_size {batch})")
-    planned_steps = tc.epochs * steps_per_epoch if not tc.max_steps else min(tc.max_steps, tc.epochs * steps_per_epoch)
+                            f"({ctx.world_size} processes x batch_size {tc.batch_size})")
+    planned = tc.epochs * steps_per_epoch if not tc.max_steps else min(tc.max_steps, tc.epochs * steps_per_epoch)
+    session = Session(state, ctx, run_dir, data, tracker, step_module, train_x, train_c, train_a, val_x, val_c, val_a,
+                      steps_per_epoch, planned, history, start_progress=state.schedule_progress)
+    session.progress = progress_bar(ctx.is_main)
+    session.progress.add_task("train", total=max(planned - state.step, 0), epoch=state.epoch + 1, loss=math.nan,
+                              rate=0.0)
+    state.model.train()
+    return session
 
-    def checkpoint_state(next_epoch: int, next_batch: int, val_loss: float | None) -> dict[str, Any]:
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": cfg.to_dict(),
-                "components": list(cfg.data.components), "normalizer": normalizer.to_dict(),
-                "epoch": next_epoch, "batch_in_epoch": next_batch, "step": step, "val_loss": val_loss,
-                "best_val_loss": best_val, "schedule_progress": progress_now, "rng": rng_state(),
-                "data_fingerprint": data.fingerprint, "data_changes": data_changes, "git_commit": commit,
-                "train_conditions": train_conditions}
 
-    def save(name: str, state: dict[str, Any]) -> None:
-        if not ctx.is_main:
-            return
-        path = run_dir / "checkpoints" / name
-        try:
-            save_checkpoint(path, state, keep_previous=name == "last.pt")
-        except OSError as err:  # e.g. the disk filled up since preflight
-            raise TrainingError(f"{path}: could not write the checkpoint ({err}); the checkpoints already there "
-                                f"are intact: make room, then continue with epure train --resume {run_dir}") from err
+def progress_bar(enabled: bool) -> Progress:
+    return Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]:.1f}"), TextColumn("{task.fields[rate]:.0f} samples/s"),
+                    TimeElapsedColumn(), transient=False, disable=not enabled)
 
-    commit = git_commit()
-    # the train split's raw condition rows (4 bytes per design and column): unconditional sampling draws from them
-    train_conditions = torch.tensor(data.train.conditions, dtype=torch.float32)
-    status, skipped, nonfinite_run, last_val, loss = "finished", 0, 0, math.nan, math.nan
-    progress_now = start_progress
-    start_time = last_ckpt_time = time.monotonic()
-    window_start, window_samples = time.monotonic(), 0
-    model.train()
-    progress = Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("loss {task.fields[loss]:.1f}"), TextColumn("{task.fields[rate]:.0f} samples/s"),
-                        TimeElapsedColumn(), transient=False, disable=not ctx.is_main)
-    with StopFlag() as stop, progress:
-        task = progress.add_task("train", total=max(planned_steps - step, 0),
-                                 epoch=epoch + 1, loss=math.nan, rate=0.0)
-        while epoch < tc.epochs and status == "finished":
-            order = epoch_permutation(n, tc.seed, epoch).to(device)
-            while batch_in_epoch < steps_per_epoch:
-                first = batch_in_epoch * global_batch + ctx.rank * batch
-                index = order[first: first + batch]
-                x = train_x[index].float().div_(255)
-                share = (ctx.rank * len(index), len(index) * ctx.world_size) if ctx.enabled else None
-                out = step_module(x, train_c[index], train_a[index], share)
-                optimizer.zero_grad(set_to_none=True)
-                out.loss.backward()
-                # one reduction gives the total gradient norm, clipped to train.grad_clip when that is set
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or math.inf).item()
-                minutes = (time.monotonic() - start_time) / 60
-                # one small reduction per step keeps every rank's decisions (skip, stop) identical; a non-finite
-                # loss or gradient norm on any rank makes its sum non-finite on all of them
-                loss_sum, norm_sum, stop_votes, over_time, minutes_sum = distributed.sum_across(
-                    ctx, [out.loss.item(), grad_norm, float(stop.signal_name is not None),
-                          float(bool(tc.max_minutes) and minutes >= tc.max_minutes), minutes])
-                loss, grad_norm = loss_sum / ctx.world_size, norm_sum / ctx.world_size
-                progress_now = budget_progress(step, planned_steps, minutes_sum / ctx.world_size, tc.max_minutes,
-                                               start_progress)  # the same on every rank
-                batch_in_epoch += 1
-                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                    # no optimiser step: a non-finite gradient would poison Adam's moments, then the weights
-                    skipped += 1
-                    nonfinite_run += 1
-                    optimizer.zero_grad(set_to_none=True)
-                    ids = data.train.ids[index.cpu().numpy()].tolist()
-                    what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", grad_norm)
-                    if nonfinite_run >= tc.max_nonfinite_steps:
-                        diverged = not all(torch.isfinite(p).all() for p in model.parameters())
-                        hint = "; the weights themselves are no longer finite: lower train.lr" if diverged else ""
-                        raise TrainingError(f"{what} was {value} for {nonfinite_run} steps in a row (a non-finite "
-                                            f"loss or gradient each); stopped at step {step + 1} (epoch {epoch + 1}); "
-                                            f"example ids of that batch: {ids}{hint}")
-                    if nonfinite_run == 1:
-                        log.warning("step %d (epoch %d): %s is %s, batch skipped (training stops after %d in a row); "
-                                    "example ids of that batch: %s", step + 1, epoch + 1, what, value,
-                                    tc.max_nonfinite_steps, ids)
-                    if stop_votes:  # a signal must not wait for a finite loss
-                        status = "interrupted"
-                        save("last.pt", checkpoint_state(epoch, batch_in_epoch, None))
-                        break
-                    continue
-                nonfinite_run = 0
-                lr = scheduled_lr(tc, progress_now)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                optimizer.step()
-                step += 1
-                window_samples += global_batch
-                rate = window_samples / max(time.monotonic() - window_start, 1e-9)
-                progress.update(task, advance=1, loss=loss, epoch=epoch + 1, rate=rate)
-                if step % max(1, cfg.wandb.log_every_steps) == 0:
-                    tracker.log({"train/loss": loss, "train/bound": out.bound.item(), "train/grad_norm": grad_norm,
-                                 **{f"train/{k}": v.item() for k, v in out.terms.items()},
-                                 "train/lr": lr, "train/samples_per_sec": rate,
-                                 "epoch": epoch + (batch_in_epoch / steps_per_epoch)}, step)
-                    window_start, window_samples = time.monotonic(), 0
-                if (tc.max_steps and step >= tc.max_steps) or over_time:
-                    status = "budget"
-                if stop_votes:
-                    status = "interrupted"
-                periodic = (tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0) or (
-                    tc.checkpoint_every_minutes and time.monotonic() - last_ckpt_time >= 60 * tc.checkpoint_every_minutes)
-                if status == "interrupted" or (periodic and batch_in_epoch < steps_per_epoch):
-                    save("last.pt", checkpoint_state(epoch, batch_in_epoch, None))
-                    last_ckpt_time = time.monotonic()
-                if status != "finished":
-                    break
-            mid_epoch = batch_in_epoch < steps_per_epoch
-            if mid_epoch and status == "interrupted":
-                break  # last.pt already records where; resume continues from there
-            if not mid_epoch:
-                epoch, batch_in_epoch = epoch + 1, 0
-            row: dict[str, Any] = {"epoch": epoch, "step": step, "train_loss": loss,
-                                   "seconds": round(time.monotonic() - start_time, 2)}
-            if epoch % tc.val_every == 0 or epoch == tc.epochs or status != "finished":
-                total, count = distributed.sum_across(ctx, validation_sums(model, cfg, val_x, val_c, batch, val_a))
-                last_val = total / max(count, 1)
-                row["val_loss"] = last_val
-                tracker.log({"val/loss": last_val, "epoch": epoch}, step)
-            improved = math.isfinite(last_val) and last_val < best_val
-            if improved:
-                best_val = last_val
-            state = checkpoint_state(epoch, batch_in_epoch, last_val)
-            save("last.pt", state)
-            last_ckpt_time = time.monotonic()
-            aliases = ["latest", f"epoch-{epoch}"]
-            if improved:
-                save("best.pt", state)
-                aliases.append("best")
-            history.append(row)
-            if ctx.is_main:
-                write_metrics_csv(run_dir / "metrics.csv", history)
-            tracker.log_checkpoint(run_dir / "checkpoints" / "last.pt", aliases,
-                                   {"epoch": epoch, "step": step, "val_loss": last_val,
-                                    "data_fingerprint": data.fingerprint, "git_commit": commit})
-            if ctx.is_main and images_fn is not None and cfg.wandb.images_every_epochs and (
-                    epoch % cfg.wandb.images_every_epochs == 0 or epoch == tc.epochs or status != "finished"):
-                model.eval()
-                tracker.log_images(images_fn(LoadedModel(model, cfg, normalizer, list(cfg.data.components), run_dir),
-                                             data), step)
-                model.train()
-    if status == "interrupted":
-        tracker.mark_preempting()
-    tracker.summary({"best_val_loss": best_val, "last_val_loss": last_val, "skipped_steps": skipped,
-                     "status": status, **({"data_changes": data_changes} if data_changes else {})})
-    distributed.stop(ctx)
-    return TrainResult(run_dir, status, epoch, step, best_val, last_val, skipped, stop.signal_name)
+
+# ------------------------------------------------------------------------------------ one optimiser step
+
+
+def optimiser_step(session: Session, order: torch.Tensor) -> None:
+    """One batch: forward, backward, the decisions every rank takes together (skip, stop, budget), the step."""
+    state, ctx, tc = session.state, session.ctx, session.cfg.train
+    batch = tc.batch_size
+    first = state.batch_in_epoch * batch * ctx.world_size + ctx.rank * batch
+    index = order[first: first + batch]
+    share = (ctx.rank * len(index), len(index) * ctx.world_size) if ctx.enabled else None
+    out = session.step_module(session.train_x[index].float().div_(255), session.train_c[index],
+                              session.train_a[index], share)
+    state.optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    # one reduction gives the total gradient norm, clipped to train.grad_clip when that is set
+    grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), tc.grad_clip or math.inf).item()
+    minutes = (time.monotonic() - session.start_time) / 60
+    # one small reduction per step keeps every rank's decisions (skip, stop) identical; a non-finite loss or
+    # gradient norm on any rank makes its sum non-finite on all of them
+    loss_sum, norm_sum, stop_votes, over_time, minutes_sum = distributed.sum_across(
+        ctx, [out.loss.item(), grad_norm, float(session.stop.signal_name is not None),
+              float(bool(tc.max_minutes) and minutes >= tc.max_minutes), minutes])
+    session.loss, grad_norm = loss_sum / ctx.world_size, norm_sum / ctx.world_size
+    state.schedule_progress = budget_progress(state.step, session.planned_steps, minutes_sum / ctx.world_size,
+                                              tc.max_minutes, session.start_progress)  # the same on every rank
+    state.batch_in_epoch += 1
+    state.val_loss = None
+    if not (math.isfinite(session.loss) and math.isfinite(grad_norm)):
+        skip_nonfinite(session, index, grad_norm)
+        if stop_votes:  # a signal must not wait for a finite loss
+            session.status = Status.INTERRUPTED
+            session.save("last.pt")
+        return
+    session.nonfinite_run = 0
+    lr = scheduled_lr(tc, state.schedule_progress)
+    for group in state.optimizer.param_groups:
+        group["lr"] = lr
+    state.optimizer.step()
+    state.step += 1
+    log_step(session, out, grad_norm, lr)
+    if (tc.max_steps and state.step >= tc.max_steps) or over_time:
+        session.status = Status.BUDGET
+    if stop_votes:
+        session.status = Status.INTERRUPTED
+    periodic = (tc.checkpoint_every_steps and state.step % tc.checkpoint_every_steps == 0) or (
+        tc.checkpoint_every_minutes and time.monotonic() - session.last_checkpoint_time >= 60 * tc.checkpoint_every_minutes)
+    if session.status is Status.INTERRUPTED or (periodic and state.batch_in_epoch < session.steps_per_epoch):
+        session.save("last.pt")
+
+
+def skip_nonfinite(session: Session, index: torch.Tensor, grad_norm: float) -> None:
+    """No optimiser step on a non-finite loss or gradient (it would poison Adam's moments, then the weights);
+    too many in a row stop training with the batch's example ids."""
+    state, tc, loss = session.state, session.cfg.train, session.loss
+    session.skipped += 1
+    session.nonfinite_run += 1
+    state.optimizer.zero_grad(set_to_none=True)
+    ids = session.data.train.ids[index.cpu().numpy()].tolist()
+    what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", grad_norm)
+    if session.nonfinite_run >= tc.max_nonfinite_steps:
+        diverged = not all(torch.isfinite(p).all() for p in state.model.parameters())
+        hint = "; the weights themselves are no longer finite: lower train.lr" if diverged else ""
+        raise TrainingError(f"{what} was {value} for {session.nonfinite_run} steps in a row (a non-finite loss or "
+                            f"gradient each); stopped at step {state.step + 1} (epoch {state.epoch + 1}); example "
+                            f"ids of that batch: {ids}{hint}")
+    if session.nonfinite_run == 1:
+        log.warning("step %d (epoch %d): %s is %s, batch skipped (training stops after %d in a row); example ids "
+                    "of that batch: %s", state.step + 1, state.epoch + 1, what, value, tc.max_nonfinite_steps, ids)
+
+
+def log_step(session: Session, out, grad_norm: float, lr: float) -> None:
+    """The progress bar every step; the tracker every wandb.log_every_steps steps."""
+    state, cfg = session.state, session.cfg
+    session.window_samples += cfg.train.batch_size * session.ctx.world_size
+    rate = session.window_samples / max(time.monotonic() - session.window_start, 1e-9)
+    session.progress.update(session.progress.task_ids[0], advance=1, loss=session.loss, epoch=state.epoch + 1,
+                            rate=rate)
+    if state.step % max(1, cfg.wandb.log_every_steps) == 0:
+        session.tracker.log({"train/loss": session.loss, "train/bound": out.bound.item(), "train/grad_norm": grad_norm,
+                             **{f"train/{k}": v.item() for k, v in out.terms.items()},
+                             "train/lr": lr, "train/samples_per_sec": rate,
+                             "epoch": state.epoch + (state.batch_in_epoch / session.steps_per_epoch)}, state.step)
+        session.window_start, session.window_samples = time.monotonic(), 0
+
+
+# ------------------------------------------------------------------------------------ end of epoch, finish
+
+
+def end_of_epoch(session: Session, images_fn) -> None:
+    """Validation (every train.val_every epochs, the last one, and when stopping), checkpoints, metrics.csv,
+    the tracker's checkpoint artifact and pictures. A run stopped by its budget mid-epoch comes here too."""
+    state, tc, ctx = session.state, session.cfg.train, session.ctx
+    if state.batch_in_epoch >= session.steps_per_epoch:
+        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+    stopping = session.status is not Status.RUNNING
+    row: dict[str, Any] = {"epoch": state.epoch, "step": state.step, "train_loss": session.loss,
+                           "seconds": round(time.monotonic() - session.start_time, 2)}
+    if state.epoch % tc.val_every == 0 or state.epoch == tc.epochs or stopping:
+        total, count = distributed.sum_across(ctx, validation_sums(state.model, session.cfg, session.val_x,
+                                                                   session.val_c, tc.batch_size, session.val_a))
+        session.last_val = row["val_loss"] = total / max(count, 1)
+        session.tracker.log({"val/loss": session.last_val, "epoch": state.epoch}, state.step)
+    improved = math.isfinite(session.last_val) and session.last_val < state.best_val_loss
+    if improved:
+        state.best_val_loss = session.last_val
+    state.val_loss = session.last_val
+    session.save("last.pt")
+    if improved:
+        session.save("best.pt")
+    session.history.append(row)
+    if ctx.is_main:
+        write_metrics_csv(session.run_dir / "metrics.csv", session.history)
+    session.tracker.log_checkpoint(session.run_dir / "checkpoints" / "last.pt",
+                                   ["latest", f"epoch-{state.epoch}", *(["best"] if improved else [])],
+                                   {"epoch": state.epoch, "step": state.step, "val_loss": session.last_val,
+                                    "data_fingerprint": state.data_fingerprint, "git_commit": state.git_commit})
+    every = session.cfg.wandb.images_every_epochs
+    if ctx.is_main and images_fn is not None and every and (
+            state.epoch % every == 0 or state.epoch == tc.epochs or stopping):
+        state.model.eval()
+        loaded = LoadedModel(state.model, session.cfg, state.normalizer, list(session.cfg.data.components),
+                             session.run_dir)
+        session.tracker.log_images(images_fn(loaded, session.data), state.step)
+        state.model.train()
+
+
+def finish(session: Session) -> TrainResult:
+    """The run's summary for the tracker, and how it ended."""
+    if session.status is Status.RUNNING:
+        session.status = Status.FINISHED
+    state, status = session.state, session.status.value
+    if session.status is Status.INTERRUPTED:
+        session.tracker.mark_preempting()
+    session.tracker.summary({"best_val_loss": state.best_val_loss, "last_val_loss": session.last_val,
+                             "skipped_steps": session.skipped, "status": status,
+                             **({"data_changes": state.data_changes} if state.data_changes else {})})
+    distributed.stop(session.ctx)
+    return TrainResult(session.run_dir, status, state.epoch, state.step, state.best_val_loss, session.last_val,
+                       session.skipped, session.stop.signal_name)

@@ -1,4 +1,7 @@
-"""Pictures a person would rather look at than read: component grids and colour composites."""
+"""Pictures a person would rather look at than read: component grids and colour composites.
+
+    epure data show data/synth --out grid.png
+"""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from epure.model import build_model
+from epure.model import MMVAEPlus
 from epure.train import train
 
 from factories import synthetic_dataset, tiny_config
@@ -49,5 +49,5 @@ def test_two_processes_match_one_process_with_the_combined_batch(tmp_path) -> No
         torch.testing.assert_close(ddp_state["model"][key], value, rtol=1e-4, atol=1e-6, msg=key)
     # and training really moved the weights away from their (seeded) initial values
     torch.manual_seed(single_cfg.train.seed)
-    initial = build_model(single_cfg.model, single_cfg.data.components, single_cfg.data.image_size).state_dict()
+    initial = MMVAEPlus(single_cfg.model, single_cfg.data.components, single_cfg.data.image_size).state_dict()
     assert max((one_state["model"][k] - v).abs().max().item() for k, v in initial.items()) > 1e-4

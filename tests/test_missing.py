@@ -28,9 +28,10 @@ from epure.data.synth import COMPONENTS as SYNTH_COMPONENTS
 from epure.data.synth import dropped_components, write_synthetic_dataset
 from epure.evaluate import EvaluationOptions, evaluate, render_tables
 from epure.metrics import binarize, iou
-from epure.model import build_model, forward_objective
-from epure.model.mmvae import log_density
-from epure.model.objectives import draw_latents, log_likelihood
+from epure.model import MMVAEPlus, forward_objective, reference
+from epure.model.likelihoods import log_likelihood
+from epure.model.objectives import draw_latents
+from epure.model.reference import StraightforwardModel
 from epure.sample import complete, to_png_array
 from epure.tracking import WandbTracker
 from epure.train import train
@@ -205,7 +206,7 @@ def make_model(components: list[str], seed: int = 0):
     cfg = tiny_config(None, ".", components, **{"model.latent_dim_w": 3, "model.latent_dim_z": 2,
                                                 "model.latent_dim_u": 5})
     torch.manual_seed(seed)
-    return build_model(cfg.model, components, cfg.data.image_size).double()
+    return MMVAEPlus(cfg.model, components, cfg.data.image_size).double()
 
 
 def batch(b: int, m: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,8 +219,8 @@ def brute_force_bound(model, x, c, available, beta: float, k: int, seed: int) ->
     mean over strata), written out one design, stratum, draw and target at a time over that design's available
     components only, from the draws forward_objective makes with ``seed``."""
     fam, cfg = model.family, model.cfg
-    emb = model.embed(c)
-    post = model.encode(x, emb, fast=False)
+    emb = model.cond(c)
+    post = StraightforwardModel(model).encode(x, emb)
     torch.manual_seed(seed)
     draws = draw_latents(model, post, k)
     bounds = []
@@ -233,15 +234,15 @@ def brute_force_bound(model, x, c, available, beta: float, k: int, seed: int) ->
                 lpx = 0.0
                 for n in have:
                     u = torch.cat([w if n == m else draws.w_aux[s, b, m, n], z])[None]
-                    logits = model.decode_target(n, u, emb[b: b + 1], fast=False)[0]
+                    logits = reference.decoder(model.decoders[n], u, emb[b: b + 1])[0]
                     lpx = lpx + log_likelihood(logits, x[b, n], cfg.likelihood, cfg.likelihood_scale,
                                                cfg.foreground_weight)
-                experts = torch.stack([log_density(z, post.z_loc[b, j], post.z_scale[b, j], fam).sum()
+                experts = torch.stack([fam.log_density(z, post.z_loc[b, j], post.z_scale[b, j]).sum()
                                        for j in have])
                 lqz = torch.logsumexp(experts, 0) - math.log(len(have))
-                lqw = log_density(w, post.w_loc[b, m], post.w_scale[b, m], fam).sum()
-                lpz = log_density(z, model.prior_loc, model.prior_scale, fam).sum()
-                lpw = log_density(w, model.prior_loc, model.prior_scale, fam).sum()
+                lqw = fam.log_density(w, post.w_loc[b, m], post.w_scale[b, m]).sum()
+                lpz = fam.log_density(z, model.prior_loc, model.prior_scale).sum()
+                lpw = fam.log_density(w, model.prior_loc, model.prior_scale).sum()
                 lws.append(lpx + beta * (lpz + lpw - lqz - lqw))
             lws = torch.stack(lws)
             strata.append(torch.logsumexp(lws, 0) - math.log(k))
@@ -255,7 +256,7 @@ CASES = [("elbo", 1), ("elbo", 3), ("dreg", 3)]
 
 def objective_value(model, x, c, available, objective: str, k: int, seed: int, beta: float = 2.5) -> torch.Tensor:
     torch.manual_seed(seed)
-    return -forward_objective(model, x, c, objective, beta, k, batched=False, available=available).loss
+    return -forward_objective(StraightforwardModel(model), x, c, objective, beta, k, available=available).loss
 
 
 @pytest.mark.parametrize("objective,k", CASES)
@@ -316,7 +317,7 @@ def test_a_batch_missing_one_component_trains_like_a_model_without_it(objective,
     out_full.loss.backward()
     with torch.no_grad():  # the noise behind those draws, to give the small model the very same
         torch.manual_seed(11)
-        post = full.encode(x, full.embed(c))
+        post = full.encode(x, full.cond(c))
         drawn = draw_latents(full, post, k)
         noise_w = ((drawn.w - post.w_loc) / post.w_scale)[:, :, kept]
         noise_z = ((drawn.z - post.z_loc) / post.z_scale)[:, :, kept]

@@ -10,9 +10,12 @@ import torch
 from torch.distributions import Bernoulli, Laplace
 
 from epure.config import ConfigError, config_from_dict
-from epure.model import build_model, forward_objective
-from epure.model.mmvae import MMVAEPlus, Posteriors, make_scale
-from epure.model.objectives import draw_latents, log_likelihood
+from epure.model import MMVAEPlus, forward_objective, reference
+from epure.model.generation import completion_probabilities, unconditional_probabilities
+from epure.model.likelihoods import log_likelihood
+from epure.model.mmvae import Posteriors
+from epure.model.objectives import draw_latents
+from epure.model.reference import StraightforwardModel
 
 from factories import tiny_config
 
@@ -23,7 +26,7 @@ def make_model(m: int, seed: int = 0, **model_overrides) -> MMVAEPlus:
     components = [f"c{i}" for i in range(m)]
     cfg = tiny_config(None, ".", components, **{f"model.{k}": v for k, v in model_overrides.items()})
     torch.manual_seed(seed)
-    return build_model(cfg.model, components, cfg.data.image_size)
+    return MMVAEPlus(cfg.model, components, cfg.data.image_size)
 
 
 def batch(m: int, b: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,13 +38,13 @@ def batch(m: int, b: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor
 def test_shapes(m: int) -> None:
     model = make_model(m)
     x, c = batch(m)
-    emb = model.embed(c)
+    emb = model.cond(c)
     post = model.encode(x, emb)
     assert post.w_loc.shape == (4, m, 4) and post.z_scale.shape == (4, m, 4)
     assert (post.w_scale > 0).all() and (post.z_scale > 0).all()
     assert model.decode(torch.randn(4, m, 8), emb).shape == (4, m, 64, 32)
-    assert model.generate(emb).shape == (4, m, 64, 32)
-    done = model.complete(x, emb, [0, m - 1], joint="product", use_mean=True)
+    assert unconditional_probabilities(model, c).shape == (4, m, 64, 32)
+    done = completion_probabilities(model, x, c, [0, m - 1], joint="product", use_mean=True)
     assert done.shape == (4, m, 64, 32) and 0 <= done.min() and done.max() <= 1
     for objective, k in [("elbo", 1), ("dreg", 3)]:
         out = forward_objective(model, x, c, objective, beta=2.5, k=k)
@@ -118,10 +121,10 @@ def test_batched_decoding_equals_one_call_per_pair(objective: str, k: int, dtype
     model = make_model(3).to(dtype)
     x, c = (t.to(dtype) for t in batch(3))
     results = []
-    for batched in (True, False):
+    for path in (model, StraightforwardModel(model)):
         torch.manual_seed(7)
         model.zero_grad()
-        out = forward_objective(model, x, c, objective, beta=2.5, k=k, batched=batched)
+        out = forward_objective(path, x, c, objective, beta=2.5, k=k)
         out.loss.backward()
         results.append((out.loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])))
     (loss_a, grads_a), (loss_b, grads_b) = results
@@ -136,7 +139,7 @@ def small_float64_model(m: int = 3, seed: int = 0, **model_overrides) -> tuple[M
     cfg = tiny_config(None, ".", components, **{"data.image_size": [8, 8], "model.nf": 4, "model.nf_max": 4,
                                                 **{f"model.{k}": v for k, v in model_overrides.items()}})
     torch.manual_seed(seed)
-    model = build_model(cfg.model, components, cfg.data.image_size).double()
+    model = MMVAEPlus(cfg.model, components, cfg.data.image_size).double()
     g = torch.Generator().manual_seed(seed + 1)
     x = (torch.rand(1, m, 8, 8, generator=g, dtype=torch.float64) > 0.5).double()
     return model, x, torch.randn(1, 2, generator=g, dtype=torch.float64)
@@ -145,8 +148,8 @@ def small_float64_model(m: int = 3, seed: int = 0, **model_overrides) -> tuple[M
 def brute_force_bound(model: MMVAEPlus, x: torch.Tensor, c: torch.Tensor, beta: float, k: int) -> torch.Tensor:
     """The stratified importance-weighted bound, one (example, stratum, draw, target) at a time with
     torch.distributions: mean over examples b and strata m of log 1/K sum_k exp lw[k, b, m]."""
-    emb = model.embed(c)
-    post = model.encode(x, emb, fast=False)
+    emb = model.cond(c)
+    post = StraightforwardModel(model).encode(x, emb)
     draws = draw_latents(model, post, k)  # the noise forward_objective draws after the same seed
     n_ex, m = x.shape[:2]
     bounds = []
@@ -158,7 +161,7 @@ def brute_force_bound(model: MMVAEPlus, x: torch.Tensor, c: torch.Tensor, beta: 
                 lpx = 0.0
                 for tgt in range(m):
                     u = torch.cat([w if tgt == src else draws.w_aux[s, b, src, tgt], z])
-                    logits = model.decoders[tgt](u[None], emb[b: b + 1], fast=False)[0]
+                    logits = reference.decoder(model.decoders[tgt], u[None], emb[b: b + 1])[0]
                     lpx = lpx + Bernoulli(logits=logits).log_prob(x[b, tgt]).sum()
                 prior = Laplace(torch.zeros_like(z), torch.ones_like(z))
                 lqz = torch.logsumexp(torch.stack([Laplace(post.z_loc[b, j], post.z_scale[b, j]).log_prob(z).sum()
@@ -197,7 +200,7 @@ def posterior_gradients(model: MMVAEPlus, x: torch.Tensor, c: torch.Tensor, obje
     posterior parameters affect its bound, so one backward pass gives every row's estimate.
     """
     with torch.no_grad():
-        post = model.encode(x, model.embed(c))
+        post = model.encode(x, model.cond(c))
     leaves = [t.expand(draws, *t.shape[1:]).clone().requires_grad_(True)
               for t in (post.w_loc, post.w_scale, post.z_loc, post.z_scale)]
     encode = model.encode
@@ -215,7 +218,7 @@ def posterior_jacobian(model: MMVAEPlus, x: torch.Tensor, c: torch.Tensor) -> to
     """d(posterior parameters) / d(encoder parameters) [D, P] for one design: maps the estimates above to
     the encoder parameters' gradients (the condition embedding held fixed)."""
     params = [p for encoder in model.encoders for p in encoder.parameters()]
-    post = model.encode(x, model.embed(c).detach())
+    post = model.encode(x, model.cond(c).detach())
     outputs = torch.cat([t.flatten() for t in (post.w_loc, post.w_scale, post.z_loc, post.z_scale)])
     rows = [torch.cat([g.flatten() for g in torch.autograd.grad(o, params, retain_graph=True)]) for o in outputs]
     return torch.stack(rows)
@@ -250,16 +253,16 @@ def test_dreg_is_unbiased_for_the_weighted_bound_with_lower_variance(beta: float
     var_dreg, var_plain = (dreg @ jacobian).var(0).sum(), (plain @ jacobian).var(0).sum()
     assert var_dreg < 0.7 * var_plain, (var_dreg, var_plain)
 
-def decoded_latents(model: MMVAEPlus, x: torch.Tensor, emb: torch.Tensor, observed: list[int], **options):
-    """The latents u [N, M, du] that ``complete`` hands to the decoders, and the posteriors of ``observed``."""
+def decoded_latents(model: MMVAEPlus, x: torch.Tensor, c: torch.Tensor, observed: list[int], **options):
+    """The latents u [N, M, du] that completion hands to the decoders, and the posteriors of ``observed``."""
     seen = []
     decode = model.decode
-    model.decode = lambda u, cond, fast=True: seen.append(u) or decode(u, cond, fast)
+    model.decode = lambda u, cond: seen.append(u) or decode(u, cond)
     try:
-        model.complete(x, emb, observed, generator=torch.Generator().manual_seed(4), **options)
+        completion_probabilities(model, x, c, observed, generator=torch.Generator().manual_seed(4), **options)
     finally:
-        model.decode = decode
-    return seen[0], model.encode(x, emb, observed)
+        del model.decode  # the class's method again
+    return seen[0], model.encode(x, model.cond(c), observed)
 
 
 def test_completion_draws_unobserved_private_latents_from_the_prior_or_r() -> None:
@@ -270,16 +273,15 @@ def test_completion_draws_unobserved_private_latents_from_the_prior_or_r() -> No
     with torch.no_grad():
         model.aux_raw_scale.copy_(torch.randn_like(model.aux_raw_scale))  # scales far from the prior's 1
     x, c = batch(3, b=5)
-    emb = model.embed(c)
     dw = model.cfg.latent_dim_w
-    prior_u, _ = decoded_latents(model, x, emb, [1])
-    aux_u, _ = decoded_latents(model, x, emb, [1], cross_prior="aux")
+    prior_u, _ = decoded_latents(model, x, c, [1])
+    aux_u, _ = decoded_latents(model, x, c, [1], cross_prior="aux")
     torch.testing.assert_close(aux_u[:, [0, 2], :dw], prior_u[:, [0, 2], :dw] * model.aux_scale()[[0, 2]])
     torch.testing.assert_close(aux_u[:, 1], prior_u[:, 1])  # the observed w and every z: untouched
     model.cfg.cross_prior = "aux"  # the stored config's rule when none is passed
-    torch.testing.assert_close(decoded_latents(model, x, emb, [1])[0], aux_u)
+    torch.testing.assert_close(decoded_latents(model, x, c, [1])[0], aux_u)
     with pytest.raises(ValueError, match="cross_prior"):
-        model.complete(x, emb, [1], cross_prior="posterior")
+        completion_probabilities(model, x, c, [1], cross_prior="posterior")
 
 
 def test_mean_completion_uses_the_mean_of_the_joint_rule() -> None:
@@ -287,12 +289,11 @@ def test_mean_completion_uses_the_mean_of_the_joint_rule() -> None:
     precision-weighted average; the observed w keep their posterior locations."""
     model = make_model(3, seed=5)
     x, c = batch(3, b=4)
-    emb = model.embed(c)
     dw = model.cfg.latent_dim_w
-    u, post = decoded_latents(model, x, emb, [0, 2], use_mean=True)
+    u, post = decoded_latents(model, x, c, [0, 2], use_mean=True)
     torch.testing.assert_close(u[:, 1, dw:], post.z_loc.mean(1))
     torch.testing.assert_close(u[:, [0, 2], :dw], post.w_loc)
-    u, post = decoded_latents(model, x, emb, [0, 2], joint="product", use_mean=True)
+    u, post = decoded_latents(model, x, c, [0, 2], joint="product", use_mean=True)
     precision = 1 / (2 * post.z_scale**2)  # Laplace variance 2 b^2
     torch.testing.assert_close(u[:, 1, dw:], (precision * post.z_loc).sum(1) / precision.sum(1))
     assert not torch.allclose(post.z_loc[:, 0], post.z_loc[:, 1])  # so the averages differ from either expert

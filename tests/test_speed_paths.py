@@ -1,8 +1,9 @@
-"""The fast path (the default) and the straightforward reference path compute the same numbers.
+"""The model's one forward path and its straightforward view (``epure.model.reference``) compute the same numbers.
 
-The fast path batches decoding by target, runs channels-last, folds nearest upsampling into transposed
-convolutions and projects the condition once per example (docs/performance.md); none of that may change
-the loss or the gradients beyond float32 rounding.
+The forward path batches decoding by target, runs channels-last, folds nearest upsampling into transposed
+convolutions, runs 1x1 convolutions as matmuls and projects the condition once per example
+(docs/performance.md); none of that may change the loss, the gradients or the samples beyond float32
+rounding, in the encoders as in the decoders.
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from epure.model import build_model, forward_objective
-from epure.model.mmvae import MMVAEPlus
-from epure.model.networks import upsampled_conv3x3
+from epure.model import MMVAEPlus, forward_objective
+from epure.model.convolutions import MaskConv2d, PointwiseConv2d, UpsampleConv2d
+from epure.model.generation import completion_probabilities, unconditional_probabilities
+from epure.model.reference import StraightforwardModel, conv
 
 from factories import tiny_config
 
@@ -23,13 +25,13 @@ def small_model(m: int, family: str) -> MMVAEPlus:
     components = [f"c{i}" for i in range(m)]
     cfg = tiny_config(None, ".", components, **{"model.priorposterior": family})
     torch.manual_seed(0)
-    return build_model(cfg.model, components, cfg.data.image_size)
+    return MMVAEPlus(cfg.model, components, cfg.data.image_size)
 
 
-def loss_and_gradients(model: MMVAEPlus, x, c, objective: str, k: int, batched: bool):
+def loss_and_gradients(model: MMVAEPlus, x, c, objective: str, k: int, straightforward: bool):
     torch.manual_seed(7)  # the same noise on both paths
     model.zero_grad()
-    out = forward_objective(model, x, c, objective, beta=2.5, k=k, batched=batched)
+    out = forward_objective(StraightforwardModel(model) if straightforward else model, x, c, objective, beta=2.5, k=k)
     out.loss.backward()
     return out.loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
 
@@ -45,8 +47,8 @@ def test_fast_and_straightforward_paths_agree(m: int, objective: str, k: int, fa
     model = small_model(m, family)
     g = torch.Generator().manual_seed(m)
     x, c = (torch.rand(4, m, 64, 32, generator=g) > 0.6).float(), torch.randn(4, 2, generator=g)
-    fast_loss, fast_grads = loss_and_gradients(model, x, c, objective, k, batched=True)
-    ref_loss, ref_grads = loss_and_gradients(model, x, c, objective, k, batched=False)
+    fast_loss, fast_grads = loss_and_gradients(model, x, c, objective, k, straightforward=False)
+    ref_loss, ref_grads = loss_and_gradients(model, x, c, objective, k, straightforward=True)
     assert relative_error(fast_loss, ref_loss) < TOLERANCE
     assert relative_error(fast_grads, ref_grads) < TOLERANCE
     for p in model.parameters():  # no parameter's gradient may hide a large error inside the global norm
@@ -55,20 +57,33 @@ def test_fast_and_straightforward_paths_agree(m: int, objective: str, k: int, fa
 
 def test_sampling_paths_agree() -> None:
     model = small_model(3, "Laplace").eval()
+    reference = StraightforwardModel(model)
     g = torch.Generator().manual_seed(1)
     x, c = (torch.rand(4, 3, 64, 32, generator=g) > 0.6).float(), torch.randn(4, 2, generator=g)
-    emb = model.embed(c)
+    emb = model.cond(c)
     u = torch.randn(4, 3, model.cfg.latent_dim_u, generator=g)
     with torch.no_grad():
-        assert relative_error(model.decode(u, emb), model.decode(u, emb, fast=False)) < TOLERANCE
-        fast, ref = model.encode(x, emb), model.encode(x, emb, fast=False)
+        assert relative_error(model.decode(u, emb), reference.decode(u, emb)) < TOLERANCE
+        fast, ref = model.encode(x, emb), reference.encode(x, emb)
     for name in ("w_loc", "w_scale", "z_loc", "z_scale"):
         assert relative_error(getattr(fast, name), getattr(ref, name)) < TOLERANCE
+    for path in (model, reference):  # the same draws (seeded generators) through either path
+        path.samples = [unconditional_probabilities(path, c, torch.Generator().manual_seed(2)),
+                        completion_probabilities(path, x, c, [0, 2], generator=torch.Generator().manual_seed(3))]
+    for fast_sample, ref_sample in zip(model.samples, reference.samples):
+        assert relative_error(fast_sample, ref_sample) < TOLERANCE
 
 
-def test_upsampled_convolution_is_convolution_of_the_upsampled_input() -> None:
+@pytest.mark.parametrize("layer,shape", [(UpsampleConv2d(3, 5), (2, 3, 4, 6)), (PointwiseConv2d(3, 5, 2), (2, 3, 8, 6)),
+                                         (MaskConv2d(3), (2, 3, 8, 6))])
+def test_convolution_workarounds_are_the_plain_convolution(layer: torch.nn.Conv2d, shape: tuple) -> None:
+    """Each workaround equals the plain convolution of its own weights (of the upsampled input, for the
+    upsampling one), in float64 to rounding, and in the channels-last format the networks use."""
     torch.manual_seed(0)
-    conv = torch.nn.Conv2d(3, 5, 3, padding=1).double()
-    h = torch.randn(2, 3, 4, 6, dtype=torch.float64)
-    expected = conv(torch.nn.functional.interpolate(h, scale_factor=2.0, mode="nearest"))
-    torch.testing.assert_close(upsampled_conv3x3(h, conv), expected, rtol=1e-12, atol=1e-12)
+    layer = layer.double()
+    h = torch.randn(*shape, dtype=torch.float64)
+    plain = h if not isinstance(layer, UpsampleConv2d) else torch.nn.functional.interpolate(h, scale_factor=2.0)
+    expected = conv(layer, plain).squeeze(1) if isinstance(layer, MaskConv2d) else conv(layer, plain)
+    torch.testing.assert_close(layer(h), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer(h.contiguous(memory_format=torch.channels_last)), expected, rtol=1e-12,
+                               atol=1e-12)

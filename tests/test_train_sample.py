@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from epure.checkpoint import load_model
 from epure.cli import app
 from epure.data import load_data, load_split
-from epure.model import build_model
+from epure.model import MMVAEPlus
 from epure.sample import (NEAREST_ROWS, SamplingError, component_indices, complete, draw_conditions,
                           fixed_conditions)
 from epure.checkpoint import LoadedModel
@@ -47,7 +47,7 @@ def test_brief_training_completes_missing_components(dataset, tmp_path) -> None:
     cfg = tiny_config(dataset, tmp_path / "out", COMPONENTS, **{"train.epochs": 8, "model.beta": 1.0})
     data = load_data(cfg.data)
     torch.manual_seed(0)
-    untrained = LoadedModel(build_model(cfg.model, COMPONENTS, cfg.data.image_size).eval(), cfg, data.normalizer,
+    untrained = LoadedModel(MMVAEPlus(cfg.model, COMPONENTS, cfg.data.image_size).eval(), cfg, data.normalizer,
                             COMPONENTS, tmp_path)
     result = train(cfg, data=data)
     assert result.status == "finished" and result.epoch == 8

@@ -1,4 +1,7 @@
-"""Where epure keeps what it can rebuild: decoded datasets, the built-in data, downloaded artifacts."""
+"""Where epure keeps what it can rebuild: decoded datasets, the built-in data, downloaded artifacts.
+
+    python -c "from epure.data.cache import cache_root; print(cache_root())"
+"""
 
 from __future__ import annotations
 

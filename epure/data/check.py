@@ -1,4 +1,7 @@
-"""`epure data check`: validate a dataset by loading it exactly as training would, and summarise it."""
+"""`epure data check`: validate a dataset by loading it exactly as training would, and summarise it.
+
+    epure data check data/synth
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
 """Loading a tire dataset into memory: validate, decode each PNG once, cache the arrays on disk.
 
+    epure data check data/synth   # loads and validates a dataset exactly as training does
+
 Layout (the users' own): ``ROOT/{train,test}/{component}/{prefix}_{component}.png`` and a CSV
 (``ROOT/dimensions.csv``) with an id column, condition columns and a boolean split column. A split is held as
 one uint8 array ``images[N, M, H, W]`` plus ``conditions[N, C]`` (raw pixels, float32) and the ids.

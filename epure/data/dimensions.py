@@ -1,5 +1,7 @@
 """Width and height of a half cross-section, measured as the dataset defines them.
 
+    epure evaluate --checkpoint outputs/mmvaeplus/<run>   # measures generated sections this way
+
 The masks are the left half (columns 0..W-1) of a mirror-symmetric section. With the union of all
 components as the section:
 

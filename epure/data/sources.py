@@ -1,5 +1,7 @@
 """Where a dataset comes from: a folder of the user's, the built-in synthetic set, or the public toy set.
 
+    epure train --data builtin:toy --max-steps 20
+
 ``data.root`` may name a folder, ``builtin:synthetic`` (also what an empty root means) or ``builtin:toy``.
 Built-in sets are materialised once into the cache and reused. Each is built in a folder of its own process
 and renamed into place, so processes that materialise the same set at the same time never see half of it:

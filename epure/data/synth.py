@@ -1,5 +1,7 @@
 """The built-in synthetic 5-component tire dataset: plausible half cross-sections that need no download.
 
+    epure data synth --out data/synth --n 200 --seed 0
+
 Every design is the left half (64 rows x 32 columns) of a mirror-symmetric section, with the tread at the top
 and the symmetry axis just right of column 31. Its components are laid out around one reference curve, the
 outer edge of the carcass, described in polar coordinates about a point on the axis at the widest row:
@@ -103,6 +105,20 @@ def _superellipse(theta: np.ndarray, a: np.ndarray, b: np.ndarray, exponent: np.
     return (s**exponent + c**exponent) ** (-1.0 / exponent)
 
 
+def _bead(col: dict[str, np.ndarray], yc, a, b_low, e_low, theta_bead) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The bead: a tilted ellipse on the carcass's mid-line at its lower end, slid along the wall by bt_shift
+    pixels; its mask, and the angle and radius of its centre (where the carcass and the flank end)."""
+    r_end = _superellipse(theta_bead, a, b_low, e_low)
+    theta_bt = theta_bead + col["bt_shift"] / r_end
+    r_bt = _superellipse(theta_bt, a, b_low, e_low) - 2.0
+    cd = r_bt * np.sin(theta_bt)
+    cy = yc - r_bt * np.cos(theta_bt)
+    cos_t, sin_t = np.cos(col["bt_tilt"]), np.sin(col["bt_tilt"])
+    u = (_D - cd) * cos_t + (_Y - cy) * sin_t
+    v = -(_D - cd) * sin_t + (_Y - cy) * cos_t
+    return (u / col["bt_rx"]) ** 2 + (v / col["bt_ry"]) ** 2 <= 1.0, theta_bt, r_bt
+
+
 def _rasterise(p: dict[str, np.ndarray]) -> np.ndarray:
     """Boolean masks [m, 5, 64, 32] of the designs ``p``, evaluated on the pixel grid for all at once."""
     col = {k: v[:, None, None] for k, v in p.items()}
@@ -124,16 +140,7 @@ def _rasterise(p: dict[str, np.ndarray]) -> np.ndarray:
     ref = _superellipse(theta, a, np.where(upper, b_up, b_low), np.where(upper, col["shoulder_exp"], e_low))
     s = rho - ref  # signed radial distance to the carcass outer edge, positive outward
 
-    # bead: a tilted ellipse on the carcass's mid-line at its lower end, slid along the wall by bt_shift pixels
-    r_end = _superellipse(theta_bead, a, b_low, e_low)
-    theta_bt = theta_bead + col["bt_shift"] / r_end
-    r_bt = _superellipse(theta_bt, a, b_low, e_low) - 2.0
-    cd = r_bt * np.sin(theta_bt)
-    cy = yc - r_bt * np.cos(theta_bt)
-    cos_t, sin_t = np.cos(col["bt_tilt"]), np.sin(col["bt_tilt"])
-    u = (_D - cd) * cos_t + (_Y - cy) * sin_t
-    v = -(_D - cd) * sin_t + (_Y - cy) * cos_t
-    bt = (u / col["bt_rx"]) ** 2 + (v / col["bt_ry"]) ** 2 <= 1.0
+    bt, theta_bt, r_bt = _bead(col, yc, a, b_low, e_low, theta_bead)
 
     # carcass: inside the reference curve, thickness blended from crown to bead, ending in the bead
     along = np.clip(theta / theta_bead, 0.0, 1.0)

@@ -1,6 +1,9 @@
-"""The MMVAE+ model and its objectives."""
+"""The MMVAE+ model, its objectives and generation on tensors (see each module's docstring).
 
-from epure.model.mmvae import MMVAEPlus, build_model
+    python benchmarks/throughput.py --configs toy --batch-size 32 --steps 1
+"""
+
+from epure.model.mmvae import MMVAEPlus
 from epure.model.objectives import forward_objective
 
-__all__ = ["MMVAEPlus", "build_model", "forward_objective"]
+__all__ = ["MMVAEPlus", "forward_objective"]

@@ -1,15 +1,16 @@
 """Convolutional building blocks: ResNet encoder towers, ResNet decoders and the condition MLP.
 
+    >>> import torch
+    >>> from epure.model.networks import Decoder
+    >>> decoder = Decoder((64, 32), nf=8, nf_max=16, cond_features=32, latent_dim_u=8)
+    >>> decoder(torch.randn(3, 5, 8), torch.randn(3, 1, 32)).shape  # cond broadcasts over the 5 sources
+    torch.Size([15, 64, 32])
+
 Channel width starts at ``nf`` and doubles at each of the three downsamplings, capped at ``nf_max``; a
 64x32 mask becomes an 8x4 feature map. No normalisation layers: samples from different sources are
-decoded in one batch, so nothing may depend on batch statistics.
-
-Every forward takes ``fast``: True (the default) runs the convolutions in channels-last memory format and
-computes "nearest upsample, then 3x3 convolution" as one stride-2 transposed convolution at the low
-resolution; False is the straightforward reference (default memory format, upsampled copy, plain
-convolution). Both give the same numbers up to float rounding, from the same parameters: the fast path
-derives its weights from the stored ones on every call, so checkpoints do not depend on the path.
-See docs/performance.md for what each measured.
+decoded in one batch, so nothing may depend on batch statistics. This is the one forward path; the
+convolutions it uses are in ``convolutions`` and the straightforward computation of the same networks
+(the equality tests' and the benchmark's yardstick) in ``reference``.
 """
 
 from __future__ import annotations
@@ -18,33 +19,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from epure.model.convolutions import MaskConv2d, PointwiseConv2d, UpsampleConv2d, channels_last
+
 DOWNSAMPLINGS = 3
-
-# Which of the three taps of a 3x3 kernel (per axis) land on each of the four taps of the equivalent
-# stride-2 transposed kernel when the input was nearest-upsampled by 2: [w2, w1 + w2, w0 + w1, w0].
-_UPSAMPLE_TAPS = ((0.0, 0.0, 1.0), (0.0, 1.0, 1.0), (1.0, 1.0, 0.0), (1.0, 0.0, 0.0))
-
-
-def upsampled_conv3x3(h: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """``conv(nearest_upsample_2x(h))`` (3x3, padding 1) as one transposed convolution of h.
-
-    Each output pixel then costs 4 multiply-adds per channel pair instead of 9, and the 4x larger upsampled
-    input is never written: the decoders' high-resolution convolutions are most of the training arithmetic.
-    """
-    taps = torch.tensor(_UPSAMPLE_TAPS, dtype=conv.weight.dtype, device=conv.weight.device)
-    weight = torch.einsum("ka,oiab,lb->iokl", taps, conv.weight, taps)  # [c_in, c_out, 4, 4]
-    return F.conv_transpose2d(h, weight, conv.bias, stride=2, padding=1)
-
-
-def pointwise_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """A (strided) 1x1 convolution as a matmul over the channels of a channels-last tensor.
-
-    The same numbers as ``conv(x)``; it also sidesteps a oneDNN crash (segfault in the AVX2 1x1
-    backward-weights kernel, torch 2.13 CPU) on channels-last inputs with few channels, e.g. nf 4.
-    """
-    stride = conv.stride[0]
-    x = x[:, :, ::stride, ::stride] if stride > 1 else x
-    return F.linear(x.permute(0, 2, 3, 1), conv.weight.flatten(1), conv.bias).permute(0, 3, 1, 2)
 
 
 def stage_channels(nf: int, nf_max: int) -> list[int]:
@@ -57,6 +34,7 @@ class ResBlock(nn.Module):
 
     An up block runs its first convolution before upsampling, at the low resolution: half the cost of a
     decoder pass, where most of the training arithmetic goes (M^2 decoder passes per step, M encoder passes).
+    Its second convolution upsamples (SiLU commutes with nearest upsampling, so it runs at the low resolution).
     """
 
     def __init__(self, c_in: int, c_out: int, resample: str | None = None):
@@ -64,18 +42,15 @@ class ResBlock(nn.Module):
         self.resample = resample
         stride = 2 if resample == "down" else 1
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
-        self.skip = nn.Conv2d(c_in, c_out, 1, stride=stride) if (c_in != c_out or stride != 1) else nn.Identity()
+        self.conv2 = UpsampleConv2d(c_out, c_out) if resample == "up" else nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = PointwiseConv2d(c_in, c_out, stride) if (c_in != c_out or stride != 1) else nn.Identity()
 
-    def forward(self, x: torch.Tensor, fast: bool = True) -> torch.Tensor:
-        h = self.conv1(F.silu(x))
-        skip = pointwise_conv(x, self.skip) if fast and isinstance(self.skip, nn.Conv2d) else self.skip(x)
-        if self.resample != "up":
-            return skip + self.conv2(F.silu(h))
-        skip = F.interpolate(skip, scale_factor=2.0, mode="nearest")
-        if fast:  # silu commutes with nearest upsampling, so it runs at the low resolution too
-            return skip + upsampled_conv3x3(F.silu(h), self.conv2)
-        return skip + self.conv2(F.silu(F.interpolate(h, scale_factor=2.0, mode="nearest")))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv2(F.silu(self.conv1(F.silu(x))))
+        skip = self.skip(x)
+        if self.resample == "up":
+            skip = F.interpolate(skip, scale_factor=2.0, mode="nearest")
+        return skip + h
 
 
 class EncoderTower(nn.Module):
@@ -103,10 +78,9 @@ class Encoder(nn.Module):
         self.w_tower = EncoderTower(image_size, nf, nf_max, cond_features, latent_dim_w)
         self.z_tower = EncoderTower(image_size, nf, nf_max, cond_features, latent_dim_z)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor, fast: bool = True):
+    def forward(self, x: torch.Tensor, cond: torch.Tensor):
         """x [B, 1, H, W] -> (w_loc, w_raw_scale, z_loc, z_raw_scale)."""
-        if fast:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = channels_last(x)
         return (*self.w_tower(x, cond), *self.z_tower(x, cond))
 
 
@@ -120,26 +94,19 @@ class Decoder(nn.Module):
         self.fc = nn.Linear(latent_dim_u + cond_features, channels[-1] * self.base_shape[1] * self.base_shape[2])
         self.blocks = nn.Sequential(*[ResBlock(channels[i + 1], channels[i], "up")
                                       for i in reversed(range(DOWNSAMPLINGS))])
-        self.out = nn.Conv2d(channels[0], 1, 3, padding=1)
+        self.out = MaskConv2d(channels[0])
 
-    def forward(self, u: torch.Tensor, cond: torch.Tensor, fast: bool = True) -> torch.Tensor:
-        """u [..., latent_dim_u], cond [..., cond_features] -> [N, H, W], N the rows of the leading dims.
+    def forward(self, u: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """u [..., latent_dim_u], cond [..., cond_features] -> [N, H, W], N the rows of u's leading dims.
 
-        Fast: cond only needs to broadcast against u's leading dims (e.g. [1, B, 1, F] against
-        [K, B, M, du]), so the condition's share of the first layer is computed once per example, not once
-        per (sample, source) row. Straightforward: cond has u's leading dims and joins u before the layer.
+        cond only needs to broadcast against u's leading dims (e.g. [1, B, 1, F] against [K, B, M, du]): the
+        first layer is linear, so the condition's share of it is computed once per example, not once per
+        (sample, source) row, and u and cond are never concatenated.
         """
-        if fast:
-            du = u.shape[-1]
-            h = F.linear(u, self.fc.weight[:, :du]) + F.linear(cond, self.fc.weight[:, du:], self.fc.bias)
-            h = h.reshape(-1, *self.base_shape).contiguous(memory_format=torch.channels_last)
-        else:
-            h = self.fc(torch.cat([u, cond], dim=-1)).reshape(-1, *self.base_shape)
-        for block in self.blocks:
-            h = block(h, fast)
-        if fast:  # the bias apart: its gradient, a sum over every pixel, is summed more exactly this way
-            return F.conv2d(F.silu(h), self.out.weight, padding=1).squeeze(1) + self.out.bias
-        return self.out(F.silu(h)).squeeze(1)
+        du = u.shape[-1]
+        h = F.linear(u, self.fc.weight[:, :du]) + F.linear(cond, self.fc.weight[:, du:], self.fc.bias)
+        h = channels_last(h.reshape(-1, *self.base_shape))
+        return self.out(F.silu(self.blocks(h)))
 
 
 class ConditionMLP(nn.Module):

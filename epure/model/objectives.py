@@ -1,4 +1,12 @@
-"""Training objectives of MMVAE+: the stratified mixture ELBO and its importance-weighted DReG version.
+"""Training objectives of MMVAE+ by name (``model.objective``): the stratified mixture ELBO and its DReG version.
+
+    >>> import torch
+    >>> from epure.config import load_config
+    >>> from epure.model import MMVAEPlus, forward_objective
+    >>> cfg = load_config("small")
+    >>> model = MMVAEPlus(cfg.model, cfg.data.components, cfg.data.image_size)
+    >>> out = forward_objective(model, torch.zeros(2, 5, 64, 32), torch.zeros(2, 2), "dreg", beta=2.5, k=4)
+    >>> out.loss.backward()
 
 For each source component m (a stratum), draw K samples (w_m, z) ~ q(w_m, z | x_m). Decode x_m from
 (w_m, z) and every other component n from (w~r_n, z). The log weight of a sample is
@@ -29,18 +37,22 @@ responsibilities of DReG); only available components are strata, and the bound a
 available components are targets. A design's bound is then the complete-data bound of a model of its
 available components alone. Missing images are zeros and never reach the loss. (The MMVAE+ paper assumes
 complete data; see the README.)
+
+An objective is a function of one ``Evaluation`` (the posteriors, the draws and every (source, target)
+log-likelihood of a batch) registered with ``@register_objective("name")``; config validation lists the
+registered names.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch.distributions import ContinuousBernoulli
-from torch.nn import functional as F
 
-from epure.model.mmvae import MMVAEPlus, Posteriors, log_density, standard_noise
+from epure.model.likelihoods import log_likelihood
+from epure.model.mmvae import MMVAEPlus, Posteriors
 
 
 @dataclass
@@ -53,10 +65,66 @@ class LatentDraws:
 
 
 @dataclass
+class Evaluation:
+    """One pass of the model over a batch x [B, M, H, W]: what an objective turns into a loss."""
+
+    model: MMVAEPlus
+    x: torch.Tensor
+    post: Posteriors
+    draws: LatentDraws  # draws.z is a node of its own in front of the log weights (see ``evaluate``)
+    z_drawn: torch.Tensor  # the shared draws themselves
+    lpx: torch.Tensor  # [K, B, M_source, M_target] log p(x_n | u_mn)
+    k: int
+    available: torch.Tensor  # bool [B, M]: which components each design has
+
+
+@dataclass
 class ObjectiveOutput:
     loss: torch.Tensor  # scalar to minimise
     bound: torch.Tensor  # scalar, per-example bound (nats), for reporting
     terms: dict[str, torch.Tensor]  # detached per-term means for logging
+
+
+Objective = Callable[[Evaluation, float], ObjectiveOutput]  # (evaluation, beta) -> output
+OBJECTIVES: dict[str, Objective] = {}
+
+
+def register_objective(name: str) -> Callable[[Objective], Objective]:
+    def register(objective: Objective) -> Objective:
+        OBJECTIVES[name] = objective
+        return objective
+
+    return register
+
+
+def forward_objective(model: MMVAEPlus, x: torch.Tensor, conditions: torch.Tensor, objective: str = "elbo",
+                      beta: float = 1.0, k: int = 1, share: tuple[int, int] | None = None,
+                      available: torch.Tensor | None = None) -> ObjectiveOutput:
+    """The registered ``objective`` on a batch x [B, M, H, W] in [0, 1] with normalised conditions [B, C].
+
+    ``share``: see ``draw_latents`` (distributed training). ``available``: bool [B, M], which components each
+    design has (default: all); every design needs at least one. ``model`` may be the straightforward view of a
+    model (``reference.StraightforwardModel``): the same numbers, computed one (source, target) pair at a time.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; registered: {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[objective](evaluate(model, x, conditions, k, share, available), beta)
+
+
+def evaluate(model: MMVAEPlus, x: torch.Tensor, conditions: torch.Tensor, k: int,
+             share: tuple[int, int] | None = None, available: torch.Tensor | None = None) -> Evaluation:
+    """Encode, draw K samples per stratum, decode every (source, target) pair and score it."""
+    cond_emb = model.cond(conditions)
+    post = model.encode(x, cond_emb)
+    draws = draw_latents(model, post, k, share)
+    z_drawn = draws.z
+    # the log weights get a node of their own for z, so that DReG can reweight their path gradient alone
+    draws = LatentDraws(draws.w, draws.z.clone(), draws.w_aux)
+    logits = model.decode_pairs(decoder_inputs(draws), cond_emb)
+    cfg = model.cfg
+    # logits [K, B, M_src, M_tgt, H, W] against x [B, M_tgt, H, W]
+    lpx = log_likelihood(logits, x[None, :, None], cfg.likelihood, cfg.likelihood_scale, cfg.foreground_weight)
+    return Evaluation(model, x, post, draws, z_drawn, lpx, k, all_available(x) if available is None else available)
 
 
 def draw_latents(model: MMVAEPlus, post: Posteriors, k: int, share: tuple[int, int] | None = None) -> LatentDraws:
@@ -66,13 +134,13 @@ def draw_latents(model: MMVAEPlus, post: Posteriors, k: int, share: tuple[int, i
     processes; the noise of the whole global batch is drawn and this share's rows kept, so several
     processes see exactly the noise one process would see for the combined batch.
     """
-    fam, device = model.family, post.z_loc.device
+    family, device = model.family, post.z_loc.device
     b, m, dw = post.w_loc.shape
     offset, total = share if share is not None else (0, b)
     rows = slice(offset, offset + b)
-    w = post.w_loc + post.w_scale * standard_noise((k, total, m, dw), fam, device)[:, rows]
-    z = post.z_loc + post.z_scale * standard_noise((k, total, *post.z_loc.shape[1:]), fam, device)[:, rows]
-    w_aux = standard_noise((k, total, m, m, dw), fam, device)[:, rows] * model.aux_scale()  # scale of target n
+    w = post.w_loc + post.w_scale * family.noise((k, total, m, dw), device)[:, rows]
+    z = post.z_loc + post.z_scale * family.noise((k, total, *post.z_loc.shape[1:]), device)[:, rows]
+    w_aux = family.noise((k, total, m, m, dw), device)[:, rows] * model.aux_scale()  # scale of target n
     return LatentDraws(w, z, w_aux)
 
 
@@ -85,54 +153,10 @@ def decoder_inputs(draws: LatentDraws) -> torch.Tensor:
     return torch.cat([w, z], dim=-1)
 
 
-def decode_all(model: MMVAEPlus, u: torch.Tensor, cond_emb: torch.Tensor, batched: bool = True) -> torch.Tensor:
-    """Logits [K, B, M_source, M_target, H, W].
-
-    ``batched`` (the fast path): one decoder call per target on all (sample, example, source) latents at once,
-    the condition's share of the first layer computed once per example. Otherwise one call per (source,
-    target) pair on the straightforward path, kept for the benchmark and the equality tests.
-    """
-    k, b, m, _, du = u.shape
-    h, w = model.image_size
-    if batched:
-        cond = cond_emb[None, :, None]  # broadcasts over samples and sources
-        per_target = [model.decode_target(n, u[:, :, :, n], cond).view(k, b, m, h, w) for n in range(m)]
-        return torch.stack(per_target, dim=3)
-    cond = cond_emb[None].expand(k, b, -1).reshape(k * b, -1)
-    rows = [torch.stack([model.decode_target(n, u[:, :, src, n].reshape(k * b, du), cond, fast=False).view(k, b, h, w)
-                         for n in range(m)], dim=2) for src in range(m)]
-    return torch.stack(rows, dim=2)
-
-
-def log_likelihood(logits: torch.Tensor, x: torch.Tensor, kind: str, scale: float,
-                   foreground_weight: float = 1.0) -> torch.Tensor:
-    """log p(x | decoder output), summed over pixels. logits [..., H, W], x broadcastable, values in [0, 1].
-
-    ``foreground_weight`` w > 1 (bernoulli only) counts occupied pixels w times: the decoder then answers
-    about w p / (w p + 1 - p) where p is the true chance that a pixel is occupied, so a pixel occupied in a
-    third of the plausible designs crosses the 0.5 threshold at w = 2. Thin parts (one-pixel flank tips)
-    that a calibrated decoder leaves just under 0.5 are kept, which keeps sections in one piece and at their
-    requested height (measured on the toy benchmark, see the README).
-    """
-    if kind == "bernoulli":
-        weight = None if foreground_weight == 1.0 else 1.0 + (foreground_weight - 1.0) * x  # broadcasts
-        return -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), weight,
-                                                   reduction="none").sum((-2, -1))
-    if kind == "continuous_bernoulli":
-        # Bernoulli's cross-entropy plus the normaliser that makes it a density on [0, 1]. Images stay
-        # sigmoid(logits): it exceeds 0.5 exactly where this distribution's mean does, so masks are the same.
-        return ContinuousBernoulli(logits=logits, validate_args=False).log_prob(x).sum((-2, -1))
-    mean = torch.sigmoid(logits)
-    scale_t = torch.as_tensor(scale, dtype=logits.dtype, device=logits.device)
-    family = "Normal" if kind == "normal" else "Laplace"
-    return log_density(x, mean, scale_t, family).sum((-2, -1))
-
-
 def expert_log_densities(model: MMVAEPlus, post: Posteriors, z: torch.Tensor) -> torch.Tensor:
     """log q(z_m | x_j) [K, B, M_src, M_j]: each source's shared samples under every component's expert."""
     # z [K, B, M_src, 1, dz] against parameters [1, B, 1, M_j, dz]
-    return log_density(z[:, :, :, None], post.z_loc[None, :, None], post.z_scale[None, :, None],
-                       model.family).sum(-1)
+    return model.family.log_density(z[:, :, :, None], post.z_loc[None, :, None], post.z_scale[None, :, None]).sum(-1)
 
 
 def all_available(x: torch.Tensor) -> torch.Tensor:
@@ -151,37 +175,31 @@ def over_strata(values: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
     return torch.where(available, values, 0).sum(-1) / available.sum(-1).to(values.dtype)
 
 
-def log_weights(model: MMVAEPlus, x: torch.Tensor, post: Posteriors, draws: LatentDraws, logits: torch.Tensor,
-                beta: float, dreg: bool = False,
-                available: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """lw [K, B, M] for each sample of each stratum, and its terms.
+def log_weights(ev: Evaluation, beta: float, fixed_proposals: bool = False) -> tuple[torch.Tensor, dict]:
+    """lw [K, B, M] for each sample of each stratum, and its terms (detached, for logging).
 
-    ``dreg``: the parameters of the distribution each sample was drawn from (q(w_m | x_m) and the stratum's own
-    expert q(z | x_m)) are held fixed, so no score term reaches them; the other experts of the mixture keep
-    theirs, which enter the density at a point they did not draw (a plain dependence, not a score).
-    ``available`` bool [B, M] (default: all): a design's missing components are neither experts of its mixture
-    nor targets; their strata still get a (meaningless) lw, which the caller leaves out.
+    ``fixed_proposals`` (DReG): the parameters of the distribution each sample was drawn from (q(w_m | x_m) and
+    the stratum's own expert q(z | x_m)) are held fixed, so no score term reaches them; the other experts of
+    the mixture keep theirs, which enter the density at a point they did not draw (a plain dependence).
+    A design's missing components are neither experts of its mixture nor targets; their strata still get a
+    (meaningless) lw, which the bound leaves out.
     """
-    fam, cfg = model.family, model.cfg
-    m = model.num_components
-    eye = torch.eye(m, dtype=torch.bool, device=x.device)
-    available = all_available(x) if available is None else available
+    model, post, draws, lpx, available = ev.model, ev.post, ev.draws, ev.lpx, ev.available
+    family, m = model.family, model.num_components
+    eye = torch.eye(m, dtype=torch.bool, device=lpx.device)
     targets = available[None, :, None, :]  # [1, B, 1, M_tgt]: also the experts j of each mixture
     strata = available[None]  # [1, B, M_src]
-    # log p(x_n | u_mn): logits [K, B, M_src, M_tgt, H, W] against x [B, M_tgt, H, W]
-    lpx = log_likelihood(logits, x[None, :, None], cfg.likelihood, cfg.likelihood_scale,
-                         cfg.foreground_weight)  # [K, B, M, M]
     zero, one = model.prior_loc, model.prior_scale
-    lpz = log_density(draws.z, zero, one, fam).sum(-1)  # [K, B, M]
-    lpw = log_density(draws.w, zero, one, fam).sum(-1)
+    lpz = family.log_density(draws.z, zero, one).sum(-1)  # [K, B, M]
+    lpw = family.log_density(draws.w, zero, one).sum(-1)
     lqz_each = expert_log_densities(model, post, draws.z)
-    fixed = post.detached() if dreg else post
-    if dreg:
+    fixed = post.detached() if fixed_proposals else post
+    if fixed_proposals:
         lqz_each = torch.where(eye, expert_log_densities(model, fixed, draws.z), lqz_each)
     # the mixture over the available experts A: log 1/|A| sum_{j in A} q(z_m | x_j)
     lqz = torch.logsumexp(torch.where(targets, lqz_each, -math.inf), dim=-1) - \
         available.sum(-1).to(lqz_each.dtype).log()[None, :, None]
-    lqw = log_density(draws.w, fixed.w_loc, fixed.w_scale, fam).sum(-1)
+    lqw = family.log_density(draws.w, fixed.w_loc, fixed.w_scale).sum(-1)
     lw = torch.where(targets, lpx, 0).sum(-1) + beta * (lpz + lpw - lqz - lqw)
     pairs = strata[..., None] & targets  # [1, B, M_src, M_tgt]: both components there
     terms = {
@@ -192,46 +210,40 @@ def log_weights(model: MMVAEPlus, x: torch.Tensor, post: Posteriors, draws: Late
     }
     for n, name in enumerate(model.components):  # reconstruction of target n, averaged over sources
         terms[f"recon/{name}"] = -masked_mean(lpx[..., n], pairs[..., n])
-    return lw, {k: v.detach() for k, v in terms.items()}
+    return lw, {key: value.detach() for key, value in terms.items()}
 
 
-def forward_objective(model: MMVAEPlus, x: torch.Tensor, conditions: torch.Tensor, objective: str = "elbo",
-                      beta: float = 1.0, k: int = 1, batched: bool = True,
-                      share: tuple[int, int] | None = None, available: torch.Tensor | None = None) -> ObjectiveOutput:
-    """Evaluate ``elbo`` or ``dreg`` on a batch x [B, M, H, W] in [0, 1] with normalised conditions [B, C].
+def stratified_bound(lw: torch.Tensor, ev: Evaluation) -> torch.Tensor:
+    """[B]: the log-mean-exp of lw [K, B, M] over the K samples of each stratum, averaged over each design's
+    available strata."""
+    return over_strata(torch.logsumexp(lw, 0) - math.log(ev.k), ev.available)
 
-    ``batched``: the fast path (default); False is the straightforward reference (see ``decode_all``).
-    ``share``: see ``draw_latents`` (distributed training). ``available``: bool [B, M], which components each
-    design has (default: all); every design needs at least one.
-    """
-    if objective not in ("elbo", "dreg"):
-        raise ValueError(f"unknown objective {objective!r}; expected 'elbo' or 'dreg'")
-    dreg = objective == "dreg"
-    cond_emb = model.embed(conditions)
-    post = model.encode(x, cond_emb, fast=batched)
-    draws = draw_latents(model, post, k, share)
-    z_drawn = draws.z
-    if dreg:  # the log weights get a node of their own for z, so that only their path gradient is reweighted
-        draws = LatentDraws(draws.w, draws.z.clone(), draws.w_aux)
-    logits = decode_all(model, decoder_inputs(draws), cond_emb, batched=batched)
-    available = all_available(x) if available is None else available
-    lw, terms = log_weights(model, x, post, draws, logits, beta, dreg, available)
-    # [B]: log-mean-exp over K, mean over the design's available strata
-    bound = over_strata(torch.logsumexp(lw, 0) - math.log(k), available)
-    if not dreg:
-        return ObjectiveOutput(-bound.mean(), bound.mean().detach(), terms)
+
+@register_objective("elbo")
+def elbo(ev: Evaluation, beta: float) -> ObjectiveOutput:
+    """Plain reparameterised gradients of the stratified bound."""
+    lw, terms = log_weights(ev, beta)
+    bound = stratified_bound(lw, ev)
+    return ObjectiveOutput(-bound.mean(), bound.mean().detach(), terms)
+
+
+@register_objective("dreg")
+def dreg(ev: Evaluation, beta: float) -> ObjectiveOutput:
+    """Doubly reparameterised gradients of the stratified bound (see the module's docstring)."""
+    lw, terms = log_weights(ev, beta, fixed_proposals=True)
+    bound = stratified_bound(lw, ev)
     # responsibility r of each stratum's own expert among the available ones, parameters fixed: r = 1 when M = 1
-    experts = torch.where(available[None, :, None, :], expert_log_densities(model, post.detached(), z_drawn),
-                          -math.inf)
+    experts = torch.where(ev.available[None, :, None, :],
+                          expert_log_densities(ev.model, ev.post.detached(), ev.z_drawn), -math.inf)
     own = torch.softmax(experts, dim=-1).diagonal(dim1=-2, dim2=-1)
     with torch.no_grad():
         weights = torch.softmax(lw, dim=0)  # normalised over the K samples of each stratum
         w_path = ((1.0 - beta) + beta * weights)[..., None]  # times the surrogate's own w~, below
         z_path = (1.0 - beta * own * (1.0 - weights))[..., None]
-    if draws.w.requires_grad:
-        draws.w.register_hook(lambda g: g * w_path)
-        draws.z.register_hook(lambda g: g * z_path)
+    if ev.draws.w.requires_grad:
+        ev.draws.w.register_hook(lambda g: g * w_path)
+        ev.draws.z.register_hook(lambda g: g * z_path)
     # gradients: sum_k w~_k d lw_k (decoders, r(w), the other experts) with the paths reweighted, and the
     # responsibility's own path; its value is the bound's
-    surrogate = over_strata((weights * (lw - beta * own)).sum(0), available)  # [B]
+    surrogate = over_strata((weights * (lw - beta * own)).sum(0), ev.available)  # [B]
     return ObjectiveOutput(-(bound.detach() + surrogate - surrogate.detach()).mean(), bound.mean().detach(), terms)

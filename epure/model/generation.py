@@ -1,0 +1,87 @@
+"""Generation from a model, on tensors: whole designs from the prior, or completions of observed components.
+
+    >>> import torch
+    >>> from epure.config import load_config
+    >>> from epure.model import MMVAEPlus
+    >>> from epure.model.generation import unconditional_probabilities
+    >>> cfg = load_config("small")
+    >>> model = MMVAEPlus(cfg.model, cfg.data.components, cfg.data.image_size).eval()
+    >>> unconditional_probabilities(model, torch.zeros(4, 2)).shape  # [N, M, H, W], from normalised conditions
+    torch.Size([4, 5, 64, 32])
+
+``epure.sample`` serves requests with these (batches, numpy, files). ``model`` may also be the
+straightforward view of a model (``reference.StraightforwardModel``): both run the code below.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from epure.model.latents import FAMILIES
+from epure.model.mmvae import MMVAEPlus, Posteriors
+
+JOINT_RULES = ("mixture", "product")
+CROSS_PRIORS = ("prior", "aux")
+
+
+@torch.no_grad()
+def unconditional_probabilities(model: MMVAEPlus, conditions: torch.Tensor,
+                                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Unconditional designs: z ~ p(z), w_m ~ p(w) -> probabilities [N, M, H, W] for normalised conditions."""
+    cond_emb = model.cond(conditions)
+    n, m, cfg, device = cond_emb.shape[0], model.num_components, model.cfg, cond_emb.device
+    z = model.family.noise((n, 1, cfg.latent_dim_z), device, generator)
+    w = model.family.noise((n, m, cfg.latent_dim_w), device, generator)
+    u = torch.cat([w, z.expand(n, m, -1)], dim=-1)
+    return torch.sigmoid(model.decode(u, cond_emb))
+
+
+@torch.no_grad()
+def completion_probabilities(model: MMVAEPlus, x: torch.Tensor, conditions: torch.Tensor, observed: list[int],
+                             joint: str = "mixture", use_mean: bool = False,
+                             generator: torch.Generator | None = None,
+                             cross_prior: str | None = None) -> torch.Tensor:
+    """Every component generated from the ``observed`` ones of x [N, M, H, W] in [0, 1] -> probabilities.
+
+    The shared z comes from the observed components' posteriors, combined by ``joint`` (see
+    ``shared_latent``). An observed component keeps its own posterior w (a reconstruction); the others draw w
+    from p(w) (``cross_prior`` ``prior``, the paper's rule) or from r_m(w) (``aux``); None takes
+    ``model.cross_prior``. ``use_mean`` takes the means of z's and the observed w's posteriors instead of
+    draws; the unobserved w are drawn either way.
+    """
+    rule = cross_prior or model.cfg.cross_prior
+    if rule not in CROSS_PRIORS:
+        raise ValueError(f"cross_prior must be one of {CROSS_PRIORS}, got {rule!r}")
+    if joint not in JOINT_RULES:
+        raise ValueError(f"joint must be one of {JOINT_RULES}, got {joint!r}")
+    cond_emb = model.cond(conditions)
+    post = model.encode(x, cond_emb, observed)
+    z = shared_latent(model, post, joint, use_mean, generator)
+    n, m, family = x.shape[0], model.num_components, model.family
+    w = family.noise((n, m, model.cfg.latent_dim_w), x.device, generator)
+    if rule == "aux":
+        w = w * model.aux_scale()
+    w[:, observed] = family.mean(post.w_loc, post.w_scale) if use_mean else family.draw(post.w_loc, post.w_scale,
+                                                                                         generator)
+    u = torch.cat([w, z[:, None].expand(n, m, -1)], dim=-1)
+    return torch.sigmoid(model.decode(u, cond_emb))
+
+
+def shared_latent(model: MMVAEPlus, post: Posteriors, joint: str, use_mean: bool,
+                  generator: torch.Generator | None) -> torch.Tensor:
+    """z [N, dz] from the observed experts' posteriors [N, O, dz].
+
+    ``mixture``: their mixture of experts; a draw picks one observed expert per example, the mean is the
+    average of the experts' means. ``product``: their precision-weighted product (a Gaussian approximation for
+    Laplace experts); its mean is the precision-weighted average of the locations.
+    """
+    n, observed = post.z_loc.shape[:2]
+    family = model.family
+    if joint == "product" and observed > 1:
+        loc, scale = family.product(post.z_loc, post.z_scale, dim=1)
+        return loc if use_mean else FAMILIES["Normal"].draw(loc, scale, generator)
+    if use_mean:
+        return family.mean(post.z_loc, post.z_scale).mean(1)  # every observed expert weighs 1/O
+    pick = torch.randint(observed, (n,), device=post.z_loc.device, generator=generator)
+    rows = torch.arange(n, device=post.z_loc.device)
+    return family.draw(post.z_loc[rows, pick], post.z_scale[rows, pick], generator)
