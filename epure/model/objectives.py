@@ -29,7 +29,7 @@ strata (for K = 1 the ELBO itself). They differ in the gradient estimator:
   w~ (1 - beta r_m (1 - w~)) plus the path gradient of -beta w~ r_m, and the other experts' shares are no
   scores (those experts did not draw z), so they keep their plain gradients. With one component (r_m = 1)
   the two weights agree. Detaching every expert and weighting z's path like w's (the MMVAE code's DReG) is
-  exact only for K = 1 or identical experts; see docs/metrics.md, "Where the code departs from the paper".
+  exact only for K = 1 or identical experts; see docs/model.md (where the code departs from the paper).
 
 Incomplete designs (an availability mask [B, M], as MultiVae trains MMVAE+ on incomplete data): for each
 design, the mixture runs over its available components only, 1/|A| sum_{j in A} q(z | x_j) (so do the
