@@ -7,6 +7,10 @@
 
 Each ``--variant NAME KEY=VALUE ...`` trains with those config overrides (values parsed as YAML), then is
 evaluated on the test split; a table and a JSON (``--out``) hold the headline metrics of every variant.
+Unconditional designs are drawn with every sampler of ``--samplers`` (default: the priors p(z) p(w) and the
+fitted prior), one row each, from the same trained model; ``--fit-components 1 8`` also refits the fitted
+prior with that many Gaussians to the same model's training latents (one row each), so samplers are
+compared on one set of weights.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import argparse
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
 import yaml
 from rich.console import Console
 from rich.table import Table
@@ -22,12 +28,16 @@ from rich.table import Table
 from epure.checkpoint import load_model
 from epure.config import load_config
 from epure.data import load_data
-from epure.evaluate import EvaluationOptions, evaluate, training_split
+from epure.evaluate import EvaluationOptions, diversity_scores, evaluate, training_split
 from epure.io import atomic_write_json
+from epure.metrics import binarize
+from epure.model.fitted_prior import design_latents, fit_prior
+from epure.model.generation import latent_probabilities
 from epure.train import train
 
 HEADLINE = ["cross_iou", "self_iou", "uncond/union_one_piece", "uncond/all_one_piece", "dims/width_mae",
-            "dims/height_mae", "diversity/precision", "diversity/recall", "diversity/pairwise_iou"]
+            "dims/height_mae", "diversity/precision", "diversity/recall", "diversity/density", "diversity/coverage",
+            "diversity/pairwise_iou"]
 
 
 def parse_variants(raw: list[list[str]]) -> dict[str, dict]:
@@ -41,13 +51,50 @@ def parse_variants(raw: list[list[str]]) -> dict[str, dict]:
     return variants
 
 
+def samplers(loaded, designs, names: list[str], fit_components: list[int]):
+    """(label, sampler, fitted prior) for each way of drawing unconditional latents from one trained model."""
+    for name in names:
+        if name == "prior":
+            yield "prior", "prior", loaded.fitted_prior
+        elif not fit_components:
+            yield "fitted", "fitted", loaded.fitted_prior
+    if "fitted" in names and fit_components:
+        x = torch.from_numpy(designs.images)
+        c = torch.from_numpy(loaded.normalizer.normalize(designs.conditions))
+        for count in fit_components:
+            yield f"fitted x{count}", "fitted", fit_prior(loaded.model, x, c, count, loaded.config.train.seed)
+
+
+def reconstruction_scores(loaded, test, limit: int, seed: int = 0) -> dict[str, float]:
+    """Diversity of the test designs' own reconstructions (decoded from their posterior locations with their own
+    conditions): the most any sampler of unconditional latents can reach with this decoder."""
+    test = test.subset(np.arange(min(limit, len(test))))
+    c = torch.from_numpy(loaded.normalizer.normalize(test.conditions))
+    with torch.inference_mode():
+        latents = design_latents(loaded.model, torch.from_numpy(test.images), c).float()
+        made = np.concatenate([binarize(latent_probabilities(loaded.model, latents[i: i + 256], c[i: i + 256]).numpy())
+                               for i in range(0, len(test), 256)])
+    scores, _ = diversity_scores(made, binarize(test.images), None, seed)
+    return {f"diversity/{k}": v for k, v in scores.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="small")
     parser.add_argument("--max-steps", type=int, default=0)
     parser.add_argument("--max-minutes", type=float, default=0.0)
     parser.add_argument("--eval-limit", type=int, default=1000)
-    parser.add_argument("--variant", nargs="+", action="append", required=True, metavar="NAME KEY=VALUE")
+    parser.add_argument("--draws", type=int, default=0,
+                        help="completions per design for the completion diversity (default 0: not measured, it is "
+                             "no headline column; epure evaluate measures it)")
+    parser.add_argument("--variant", nargs="+", action="append", default=[], metavar="NAME KEY=VALUE")
+    parser.add_argument("--run", nargs=2, action="append", default=[], metavar=("NAME", "RUN_DIR"),
+                        help="evaluate a finished run (no training) under NAME, e.g. to compare more samplers")
+    parser.add_argument("--samplers", nargs="+", default=["prior", "fitted"], choices=["prior", "fitted"])
+    parser.add_argument("--fit-components", nargs="+", type=int, default=[],
+                        help="refit the fitted prior with these numbers of Gaussians (default: the checkpoint's fit)")
+    parser.add_argument("--reconstructions", action="store_true",
+                        help="also a row of the test designs' own reconstructions: the ceiling of any sampler")
     parser.add_argument("--output-dir", default="outputs/ablation")
     parser.add_argument("--out", default="outputs/ablation/results.json")
     args = parser.parse_args()
@@ -55,24 +102,41 @@ def main() -> None:
     base = load_config(args.config).updated({"train.max_steps": args.max_steps, "train.max_minutes": args.max_minutes,
                                              "train.epochs": 10_000, "train.output_dir": args.output_dir,
                                              "wandb.mode": "off"})
+    if not args.variant and not args.run:
+        parser.error("give at least one --variant or --run")
     results = {}
-    for name, overrides in parse_variants(args.variant).items():
-        cfg = base.updated(overrides)
-        data = load_data(cfg.data)
-        start = time.perf_counter()
-        run = train(cfg, data=data)
-        minutes = (time.perf_counter() - start) / 60
-        loaded = load_model(run.run_dir, prefer="last")
-        options = EvaluationOptions(limit=args.eval_limit, bootstrap=0)
-        metrics = evaluate(loaded, data.test, options, training_split(loaded)).flat()
-        results[name] = {"overrides": overrides, "steps": run.step, "minutes": round(minutes, 2),
-                         "run_dir": str(run.run_dir), **{k: metrics[f"eval/{k}"] for k in HEADLINE}}
-        console.print(f"{name}: {results[name]}")
+    jobs = [(name, overrides, None) for name, overrides in parse_variants(args.variant).items()]
+    jobs += [(name, {}, Path(run_dir)) for name, run_dir in args.run]
+    for name, overrides, run_dir in jobs:
+        minutes = None
+        if run_dir is None:
+            cfg = base.updated(overrides)
+            start = time.perf_counter()
+            run_dir = train(cfg, data=load_data(cfg.data)).run_dir
+            minutes = round((time.perf_counter() - start) / 60, 2)
+        loaded = load_model(run_dir, prefer="last")
+        data = load_data(loaded.config.data)
+        designs = training_split(loaded)
+        for label, sampler, fitted in samplers(loaded, designs, args.samplers, args.fit_components):
+            loaded.fitted_prior = fitted
+            options = EvaluationOptions(limit=args.eval_limit, bootstrap=0, latent_sampler=sampler, draws=args.draws)
+            metrics = evaluate(loaded, data.test, options, designs).flat()
+            key = f"{name} / {label}"
+            results[key] = {"overrides": overrides, "sampler": label, "steps": loaded.meta.get("step"),
+                            "minutes": minutes, "run_dir": str(run_dir), **{k: metrics[f"eval/{k}"] for k in HEADLINE}}
+            console.print(f"{key}: {results[key]}")
+        if args.reconstructions:
+            key = f"{name} / reconstructions"
+            results[key] = {"overrides": overrides, "sampler": "reconstructions", "steps": loaded.meta.get("step"),
+                            "minutes": minutes, "run_dir": str(run_dir), **dict.fromkeys(HEADLINE, float("nan")),
+                            **reconstruction_scores(loaded, data.test, args.eval_limit)}
+            console.print(f"{key}: {results[key]}")
     table = Table(title=f"{args.config}: same budget ({args.max_steps or '-'} steps, {args.max_minutes or '-'} min)")
     for column in ["variant", "steps", "minutes", *HEADLINE]:
         table.add_column(column, justify="right")
     for name, r in results.items():
-        table.add_row(name, str(r["steps"]), f"{r['minutes']:.1f}", *[f"{r[k]:.3f}" for k in HEADLINE])
+        minutes = "-" if r["minutes"] is None else f"{r['minutes']:.1f}"
+        table.add_row(name, str(r["steps"]), minutes, *[f"{r[k]:.3f}" for k in HEADLINE])
     console.print(table)
     atomic_write_json(Path(args.out), results)
 

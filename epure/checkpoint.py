@@ -43,6 +43,7 @@ from epure.config import Config, config_from_dict
 from epure.data.dataset import ConditionNormalizer
 from epure.io import atomic_write
 from epure.model import MMVAEPlus
+from epure.model.fitted_prior import FittedPrior
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +209,7 @@ class LoadedModel:
     path: Path
     meta: dict[str, Any] = field(default_factory=dict)
     train_conditions: np.ndarray | None = None  # the train split's raw condition rows [N, C]; None in older files
+    fitted_prior: FittedPrior | None = None  # the latent density fitted to these weights; None: not in the file
 
     @property
     def run_name(self) -> str:
@@ -236,7 +238,22 @@ def load_model(source: str | Path, device: str | torch.device = "cpu", prefer: s
     meta = {k: state.get(k) for k in ("epoch", "step", "val_loss", "data_fingerprint", "git_commit", "data_changes")}
     rows = state.get("train_conditions")
     rows = None if rows is None else torch.as_tensor(rows, dtype=torch.float32).numpy()
-    return LoadedModel(model, config, ConditionNormalizer.from_dict(state["normalizer"]), components, path, meta, rows)
+    return LoadedModel(model, config, ConditionNormalizer.from_dict(state["normalizer"]), components, path, meta, rows,
+                       stored_fitted_prior(path, state, config, components))
+
+
+def stored_fitted_prior(path: Path, state: dict[str, Any], config: Config, components: list[str]) -> FittedPrior | None:
+    """The checkpoint's fitted prior (None: it has none), checked against the model's latent size."""
+    fitted = state.get("fitted_prior")
+    try:
+        fitted = None if fitted is None else FittedPrior.from_state(fitted)
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: its fitted_prior is damaged ({type(err).__name__}: {err})") from err
+    latent_dim = config.model.latent_dim_z + len(components) * config.model.latent_dim_w
+    if fitted is not None and fitted.latent_dim != latent_dim:
+        raise CheckpointError(f"{path}: its fitted_prior covers {fitted.latent_dim} latent dimensions, the model has "
+                              f"{latent_dim} (latent_dim_z + components x latent_dim_w)")
+    return fitted
 
 
 def git_commit() -> str | None:

@@ -373,6 +373,9 @@ ArtifactProjectOption = Annotated[Optional[str], typer.Option(
     "--project", help="W&B project of a NAME:ALIAS artifact.", rich_help_panel=MODEL_PANEL)]
 ArtifactEntityOption = Annotated[Optional[str], typer.Option(
     "--entity", help="W&B entity of a NAME:ALIAS artifact.", rich_help_panel=MODEL_PANEL)]
+LatentSamplerOption = Annotated[Optional[str], typer.Option(
+    "--latent-sampler", help="prior | fitted: unconditional latents from the priors p(z) p(w) or from the density "
+                             "fitted to the training designs' latents (default: the model's model.latent_sampler).")]
 
 
 def chosen_model(checkpoint: Optional[Path], artifact: Optional[str], project: Optional[str],
@@ -410,6 +413,7 @@ def sample_command(
     cross_prior: Annotated[Optional[str], typer.Option(
         "--cross-prior", help="prior | aux: unobserved components' private latents from p(w) or r(w) "
                               "(inpainting; default: the model's model.cross_prior).")] = None,
+    latent_sampler: LatentSamplerOption = None,
     binary: Annotated[bool, typer.Option("--binary", help="Threshold masks at 0.5.")] = False,
     data: Annotated[Optional[str], typer.Option("--data", help="Dataset to complete (default: the training one).")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Complete only the first N test examples.")] = None,
@@ -437,10 +441,8 @@ def sample_command(
         destination = sampling.Destination(out, Path("samples") / "mmvaeplus" / run_name, overwrite)
         record = {"model": model, "options": options}
         if mode == "unconditional":
-            fixed = sampling.fixed_conditions(condition or [], {"width": ("width_px", width),
-                                                                "height": ("height_px", height)})
-            raw, ids = sampling.unconditional_requests(loaded, num_samples, fixed, conditions, seed)
-            report = sampling.write_unconditional(loaded, destination, raw, ids, binary, batch_size, seed, record=record)
+            report = _write_unconditional(loaded, destination, num_samples, condition, width, height, conditions,
+                                          latent_sampler, binary, batch_size, seed, record)
         elif mode == "inpainting":
             report = _write_inpainting(loaded, destination, components, data, limit, joint, joint_rule, mean,
                                        binary, batch_size, seed, cross_prior, record)
@@ -454,10 +456,12 @@ def sample_command(
 def _sample_options(given: dict) -> dict:
     """``epure sample``'s options, checked, as sample.json records them (paths as text; "which model" is recorded
     apart)."""
-    from epure.model.generation import CROSS_PRIORS
+    from epure.model.generation import CROSS_PRIORS, LATENT_SAMPLERS
 
     if given["cross_prior"] not in (None, *CROSS_PRIORS):
         fail(f"--cross-prior must be one of {', '.join(CROSS_PRIORS)}, got {given['cross_prior']!r}")
+    if given["latent_sampler"] not in (None, *LATENT_SAMPLERS):
+        fail(f"--latent-sampler must be one of {', '.join(LATENT_SAMPLERS)}, got {given['latent_sampler']!r}")
     if given["wandb_mode"] not in (None, "auto", "online", "offline", "off"):
         fail(f"--wandb must be auto, online, offline or off, got {given['wandb_mode']!r}")
     options = {("wandb" if k == "wandb_mode" else k): (str(v) if isinstance(v, Path) else v) for k, v in given.items()
@@ -494,6 +498,18 @@ def _log_samples(loaded, report, record: dict, run_name: str, wandb_mode: Option
                                      artifact_name=f"samples-{run_name}")
     if sync_hint:
         console.print(f"W&B sampling run saved offline; upload it when online with: {sync_hint}", soft_wrap=True)
+
+
+def _write_unconditional(loaded, destination, num_samples: int, condition: Optional[list[str]],
+                         width: Optional[float], height: Optional[float], conditions: Optional[Path],
+                         latent_sampler: Optional[str], binary: bool, batch_size: int, seed: int, record: dict):
+    """``epure sample`` (unconditional): the requested conditions (drawn, held or read from a CSV), then designs."""
+    from epure import sample as sampling
+
+    fixed = sampling.fixed_conditions(condition or [], {"width": ("width_px", width), "height": ("height_px", height)})
+    raw, ids = sampling.unconditional_requests(loaded, num_samples, fixed, conditions, seed)
+    return sampling.write_unconditional(loaded, destination, raw, ids, binary, batch_size, seed, record=record,
+                                        sampler=latent_sampler)
 
 
 def _write_inpainting(loaded, destination, components: Optional[list[str]], data: Optional[str],
@@ -533,6 +549,7 @@ def evaluate_command(
     cross_prior: Annotated[Optional[str], typer.Option(
         "--cross-prior", help="prior | aux: score completions with unobserved private latents from p(w) or r(w) "
                               "(default: the model's model.cross_prior).")] = None,
+    latent_sampler: LatentSamplerOption = None,
     ood: Annotated[bool, typer.Option("--ood", help="Also dimension fidelity just outside the training range.")] = False,
     ood_margin: Annotated[int, typer.Option("--ood-margin", help="How many px beyond the training range, for --ood.")] = 6,
     bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples for standard deviations (0: none).")] = 200,
@@ -550,8 +567,9 @@ def evaluate_command(
     from epure.sample import completion_split
 
     options = evaluation.EvaluationOptions(limit=limit, seed=seed, bootstrap=bootstrap, subsets=subsets,
-                                           joint=joint_rule, use_mean=mean, cross_prior=cross_prior, ood=ood,
-                                           ood_margin=ood_margin, batch_size=batch_size, draws=draws)
+                                           joint=joint_rule, use_mean=mean, cross_prior=cross_prior,
+                                           latent_sampler=latent_sampler, ood=ood, ood_margin=ood_margin,
+                                           batch_size=batch_size, draws=draws)
     with reported_errors():
         options.check()
         loaded, source = chosen_model(checkpoint, artifact, project, entity, device)

@@ -69,6 +69,8 @@ class ModelConfig:
     beta: float = 2.5
     K: int = 1
     cross_prior: str = "prior"  # completion: unobserved components' private latents from p(w) (paper) or r_m(w) (aux)
+    latent_sampler: str = "prior"  # unconditional designs' latents from the priors (paper) or the fitted prior
+    fitted_prior_components: int = 1  # Gaussians in the fitted prior (fitted at every epoch's end; fitted_prior.py)
 
 
 @dataclass
@@ -248,15 +250,16 @@ def config_from_dict(tree: dict[str, Any] | None) -> Config:
     return config
 
 
-def model_registries() -> tuple[dict, dict, dict, tuple[str, ...]]:
-    """The registered latent families, likelihoods and objectives (name -> definition) and the completion
-    rules, which the model keys choose from. Imported on use: the model package imports this module."""
-    from epure.model.generation import CROSS_PRIORS
+def model_registries() -> tuple[dict, dict, dict, tuple[str, ...], tuple[str, ...]]:
+    """The registered latent families, likelihoods and objectives (name -> definition), the completion
+    rules and the unconditional latent samplers, which the model keys choose from. Imported on use: the model
+    package imports this module."""
+    from epure.model.generation import CROSS_PRIORS, LATENT_SAMPLERS
     from epure.model.latents import FAMILIES
     from epure.model.likelihoods import LIKELIHOODS
     from epure.model.objectives import OBJECTIVES
 
-    return FAMILIES, LIKELIHOODS, OBJECTIVES, CROSS_PRIORS
+    return FAMILIES, LIKELIHOODS, OBJECTIVES, CROSS_PRIORS, LATENT_SAMPLERS
 
 
 def validate(config: Config) -> None:
@@ -284,16 +287,18 @@ def validate(config: Config) -> None:
         )
     for key, value in [("model.latent_dim_w", m.latent_dim_w), ("model.latent_dim_z", m.latent_dim_z),
                        ("model.nf", m.nf), ("model.nf_max", m.nf_max), ("model.K", m.K),
+                       ("model.fitted_prior_components", m.fitted_prior_components),
                        ("train.batch_size", t.batch_size), ("train.epochs", t.epochs), ("train.val_every", t.val_every)]:
         if value <= 0:
             raise ConfigError(f"config key '{key}' must be positive, got {value}")
-    families, likelihoods, objectives, cross_priors = model_registries()
+    families, likelihoods, objectives, cross_priors, latent_samplers = model_registries()
     choices = {
         "model.priorposterior": (m.priorposterior, list(families)),
         "model.likelihood": (m.likelihood, list(likelihoods)),
         "data.missing": (d.missing, ["error", "allow"]),
         "model.objective": (m.objective, list(objectives)),
         "model.cross_prior": (m.cross_prior, list(cross_priors)),
+        "model.latent_sampler": (m.latent_sampler, list(latent_samplers)),
         "train.device": (t.device, ["auto", "cpu", "cuda", "mps"]),
         "train.lr_schedule": (t.lr_schedule, ["constant", "cosine"]),
         "wandb.mode": (w.mode, ["auto", "online", "offline", "off"]),

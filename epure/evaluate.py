@@ -46,9 +46,9 @@ from epure.io import atomic_write_json
 from epure.metrics import (binarize, bootstrap_std, centre_of_mass, component_descriptors, dice, iou,
                            manifold_scores, mean_pairwise_iou, mean_pairwise_iou_within, nearest_iou, piece_counts,
                            standardise, wasserstein)
-from epure.model.generation import CROSS_PRIORS, JOINT_RULES
+from epure.model.generation import CROSS_PRIORS, JOINT_RULES, LATENT_SAMPLERS
 from epure.neighbours import nearest_designs
-from epure.sample import complete, cross_matrix_image, generate
+from epure.sample import complete, cross_matrix_image, generate, latent_sampler
 from epure.viz import composite, grid, save_png
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,7 @@ class EvaluationOptions:
     joint: str = "mixture"  # how a subset's posteriors combine (mixture | product)
     use_mean: bool = False  # posterior means instead of samples when completing
     cross_prior: str | None = None  # unobserved private latents from p(w) (prior) or r(w) (aux); None: the model's
+    latent_sampler: str | None = None  # unconditional latents from the priors (prior) or the fitted prior (fitted)
     ood: bool = False  # also measure dimension fidelity just outside the training range
     ood_margin: int = 6  # how many px beyond the training range the out-of-range requests go
     batch_size: int = 200  # larger batches measured no faster on CPU: their big buffers cost page faults
@@ -93,6 +94,9 @@ class EvaluationOptions:
             raise EvaluationError(f"--joint-rule must be one of {', '.join(JOINT_RULES)}, got {self.joint!r}")
         if self.cross_prior not in (None, *CROSS_PRIORS):
             raise EvaluationError(f"--cross-prior must be one of {', '.join(CROSS_PRIORS)}, got {self.cross_prior!r}")
+        if self.latent_sampler not in (None, *LATENT_SAMPLERS):
+            raise EvaluationError(f"--latent-sampler must be one of {', '.join(LATENT_SAMPLERS)}, "
+                                  f"got {self.latent_sampler!r}")
         if self.ood_margin <= 0:
             raise EvaluationError(f"--ood-margin must be positive, got {self.ood_margin}")
         if self.batch_size <= 0:
@@ -178,6 +182,7 @@ def evaluate(loaded: LoadedModel, split: Split, options: EvaluationOptions | Non
     """
     options = options or EvaluationOptions()
     options.check()
+    options = dataclasses.replace(options, latent_sampler=latent_sampler(loaded, options.latent_sampler))
     if list(split.components) != list(loaded.components):
         raise EvaluationError(f"the data's components {split.components} are not the model's {loaded.components}")
     if options.limit:
@@ -208,7 +213,7 @@ def evaluate(loaded: LoadedModel, split: Split, options: EvaluationOptions | Non
             "data_fingerprint": split.fingerprint, "train_designs": len(train) if train is not None else None,
             "options": dataclasses.asdict(options), "ood_values": ood_values,
             "cross_prior": options.cross_prior or loaded.config.model.cross_prior,
-            "seconds": {k: round(v, 3) for k, v in timings.items()}}
+            "latent_sampler": options.latent_sampler, "seconds": {k: round(v, 3) for k, v in timings.items()}}
     labels = ["+".join(loaded.components[i] for i in s) for s in observed_sets]
     return EvaluationResult(list(loaded.components), labels, iou_matrix, dice_matrix, uncond, uncond_std, real,
                             dims, dims_ood, diversity, info, scored)
@@ -304,7 +309,8 @@ def conditioned_scores(loaded: LoadedModel, split: Split, observed_sets: list[tu
 
 def _generate(loaded: LoadedModel, raw_conditions: np.ndarray, options: EvaluationOptions) -> np.ndarray:
     """One unconditional design per row of conditions, thresholded -> bool [N, M, H, W]."""
-    return np.concatenate([binarize(b) for b in generate(loaded, raw_conditions, options.batch_size, options.seed)])
+    return np.concatenate([binarize(b) for b in generate(loaded, raw_conditions, options.batch_size, options.seed,
+                                                         options.latent_sampler)])
 
 
 def design_features(masks: np.ndarray, components: list[str]) -> dict[str, np.ndarray]:
@@ -488,7 +494,8 @@ def write_evaluation(result: EvaluationResult, loaded: LoadedModel, split: Split
     samples = out.with_name(f"{out.stem}_samples.png")
     count = min(8, len(split))
     with torch.inference_mode():
-        (made,) = generate(loaded, split.conditions[:count], batch_size=count, seed=seed)
+        (made,) = generate(loaded, split.conditions[:count], batch_size=count, seed=seed,
+                           sampler=result.info.get("latent_sampler"))
     save_png(grid([[composite(split.images[i]), *made[i], composite(made[i] > 0.5)] for i in range(count)]),
              samples)
     return [out, completions, samples]
@@ -535,7 +542,9 @@ def render_tables(result: EvaluationResult, console: Console) -> None:
     console.print(matrix)
 
     n = result.info.get("examples")
-    table = Table(title=f"evaluation of {result.info.get('run')} on {n} examples (± bootstrap std)")
+    sampler = {"prior": "the priors p(z) p(w)", "fitted": "the fitted prior"}.get(result.info.get("latent_sampler"), "?")
+    table = Table(title=f"evaluation of {result.info.get('run')} on {n} examples (± bootstrap std); "
+                        f"unconditional latents from {sampler}")
     for column, justify in [("metric", "left"), ("value", "right"), ("± std", "right"), ("real data", "right")]:
         table.add_column(column, justify=justify)
     for name, value in result.headline().items():

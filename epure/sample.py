@@ -44,7 +44,7 @@ import epure
 from epure.checkpoint import LoadedModel
 from epure.data.dimensions import measure_dimensions
 from epure.io import atomic_write_json, atomic_write_text, claim_dir
-from epure.model.generation import completion_probabilities, unconditional_probabilities
+from epure.model.generation import LATENT_SAMPLERS, completion_probabilities, unconditional_probabilities
 from epure.viz import composite, design_grid, grid, save_png
 
 log = logging.getLogger(__name__)
@@ -157,14 +157,34 @@ def _to_tensor(loaded: LoadedModel, raw_conditions: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(loaded.normalizer.normalize(raw_conditions)).to(device)
 
 
+def latent_sampler(loaded: LoadedModel, requested: str | None = None) -> str:
+    """The sampler unconditional designs use: ``requested``, or None for the model's ``model.latent_sampler``.
+    ``fitted`` on a checkpoint without a fitted prior (an older epure's, or one saved mid-epoch) warns and
+    draws from the priors."""
+    rule = requested or loaded.config.model.latent_sampler
+    if rule not in LATENT_SAMPLERS:
+        raise SamplingError(f"--latent-sampler must be one of {', '.join(LATENT_SAMPLERS)}, got {rule!r}")
+    if rule == "fitted" and loaded.fitted_prior is None:
+        log.warning("%s holds no fitted prior (saved by an older epure, or in the middle of an epoch): "
+                    "unconditional designs are drawn from the priors p(z) p(w)", loaded.path)
+        return "prior"
+    return rule
+
+
 @torch.no_grad()
 def generate(loaded: LoadedModel, raw_conditions: np.ndarray, batch_size: int = 256,
-             seed: int = 0) -> Iterator[np.ndarray]:
-    """Unconditional designs for each row of raw conditions, yielded as float32 [b, M, H, W] batches."""
+             seed: int = 0, sampler: str | None = None) -> Iterator[np.ndarray]:
+    """Unconditional designs for each row of raw conditions, yielded as float32 [b, M, H, W] batches.
+
+    ``sampler``: ``prior`` draws the latents from p(z) p(w) (the paper), ``fitted`` from the density fitted to
+    the training designs' latents, given the conditions (``epure.model.fitted_prior``); None: the model's
+    ``model.latent_sampler`` (see ``latent_sampler``).
+    """
+    fitted = loaded.fitted_prior if latent_sampler(loaded, sampler) == "fitted" else None
     generator = torch.Generator(device=next(loaded.model.parameters()).device).manual_seed(seed)
     for start in range(0, len(raw_conditions), batch_size):
         cond = _to_tensor(loaded, raw_conditions[start: start + batch_size])
-        yield unconditional_probabilities(loaded.model, cond, generator).cpu().numpy()
+        yield unconditional_probabilities(loaded.model, cond, generator, fitted).cpu().numpy()
 
 
 @torch.no_grad()
@@ -247,9 +267,11 @@ def write_record(folder: Path, rows: Iterator[list[Any]], loaded: LoadedModel, i
 
 def write_unconditional(loaded: LoadedModel, out_dir: Path | Destination, raw_conditions: np.ndarray, ids: list[str],
                         binary: bool = False, batch_size: int = 256, seed: int = 0,
-                        grid_count: int = 16, record: dict[str, Any] | None = None) -> SampleReport:
+                        grid_count: int = 16, record: dict[str, Any] | None = None,
+                        sampler: str | None = None) -> SampleReport:
     """One PNG per component per sample, a colour composite per sample and a grid of the first samples, then
     samples.csv and sample.json (``record``: what else sample.json should say, e.g. the command's options).
+    ``sampler``: where the latents come from (see ``generate``).
 
     Each batch is written before the next is generated, so memory does not grow with the number of samples.
     """
@@ -261,8 +283,9 @@ def write_unconditional(loaded: LoadedModel, out_dir: Path | Destination, raw_co
     folders = [root / c for c in loaded.components] + [root / "composites"]
     for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)
-    preview, measured = [], []
-    for start, batch in zip(range(0, len(ids), batch_size), generate(loaded, raw_conditions, batch_size, seed)):
+    preview, measured, sampler = [], [], latent_sampler(loaded, sampler)
+    for start, batch in zip(range(0, len(ids), batch_size), generate(loaded, raw_conditions, batch_size, seed,
+                                                                    sampler)):
         pixels = to_png_array(batch, binary)
         jobs = []
         for j, design in enumerate(pixels):
@@ -275,7 +298,7 @@ def write_unconditional(loaded: LoadedModel, out_dir: Path | Destination, raw_co
     save_png(design_grid(np.stack(preview)), root / "grid.png")
     rows = manifest_rows(loaded, ids, raw_conditions, np.concatenate(measured), "unconditional", "")
     write_record(root, rows, loaded, {"mode": "unconditional", "observed": None, "seed": seed, "binary": binary,
-                                      "batch_size": batch_size, **(record or {})})
+                                      "batch_size": batch_size, "latent_sampler": sampler, **(record or {})})
     return SampleReport(out, len(ids), folders, [root])
 
 

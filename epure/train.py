@@ -41,6 +41,7 @@ from epure.config import Config, TrainConfig, config_from_dict, save_config
 from epure.data import ConditionNormalizer, DataBundle, load_data
 from epure.io import atomic_write_json, atomic_write_text, claim_dir
 from epure.model import MMVAEPlus, forward_objective
+from epure.model.fitted_prior import FittedPrior, fit_prior
 from epure.tracking import NullTracker
 
 log = logging.getLogger(__name__)
@@ -298,6 +299,7 @@ class TrainState:
     val_loss: float | None = None  # the last validation's loss at an epoch's end; None mid-epoch
     best_val_loss: float = math.inf
     schedule_progress: float = 0.0  # share of the budget spent: the learning-rate schedule's clock
+    fitted_prior: FittedPrior | None = None  # fitted to these weights at an epoch's end; None once they change
 
     def checkpoint(self) -> dict[str, Any]:
         """The checkpoint's contents; the RNG state is the one of this moment."""
@@ -307,7 +309,8 @@ class TrainState:
                 "step": self.step, "val_loss": self.val_loss, "best_val_loss": self.best_val_loss,
                 "schedule_progress": self.schedule_progress, "rng": rng_state(),
                 "data_fingerprint": self.data_fingerprint, "data_changes": self.data_changes,
-                "git_commit": self.git_commit, "train_conditions": self.train_conditions}
+                "git_commit": self.git_commit, "train_conditions": self.train_conditions,
+                "fitted_prior": self.fitted_prior.to_state() if self.fitted_prior is not None else None}
 
     def restore(self, checkpoint: dict[str, Any]) -> None:
         """Continue from a checkpoint: weights, optimiser, counters, and the RNG where it was."""
@@ -317,6 +320,8 @@ class TrainState:
         self.batch_in_epoch = checkpoint.get("batch_in_epoch", 0)
         self.best_val_loss = checkpoint.get("best_val_loss", math.inf)
         self.schedule_progress = checkpoint.get("schedule_progress", 0.0)
+        fitted = checkpoint.get("fitted_prior")
+        self.fitted_prior = FittedPrior.from_state(fitted) if fitted is not None else None
         set_rng_state(checkpoint["rng"])
 
 
@@ -526,7 +531,7 @@ def optimiser_step(session: Session, order: torch.Tensor) -> None:
     state.schedule_progress = budget_progress(state.step, session.planned_steps, minutes_sum / ctx.world_size,
                                               tc.max_minutes, session.start_progress)  # the same on every rank
     state.batch_in_epoch += 1
-    state.val_loss = None
+    state.val_loss, state.fitted_prior = None, None  # both described the weights before this step
     if not (math.isfinite(session.loss) and math.isfinite(grad_norm)):
         skip_nonfinite(session, index, grad_norm)
         if stop_votes:  # a signal must not wait for a finite loss
@@ -606,6 +611,9 @@ def end_of_epoch(session: Session, images_fn) -> None:
     if improved:
         state.best_val_loss = session.last_val
     state.val_loss = session.last_val
+    if ctx.is_main:  # the density unconditional designs may draw their latents from (model.latent_sampler: fitted)
+        state.fitted_prior = fit_prior(state.model, session.train_x, session.train_c,
+                                       session.cfg.model.fitted_prior_components, tc.seed, session.train_a.all(dim=1))
     session.save("last.pt")
     if improved:
         session.save("best.pt")
@@ -621,7 +629,7 @@ def end_of_epoch(session: Session, images_fn) -> None:
             state.epoch % every == 0 or state.epoch == tc.epochs or stopping):
         state.model.eval()
         loaded = LoadedModel(state.model, session.cfg, state.normalizer, list(session.cfg.data.components),
-                             session.run_dir)
+                             session.run_dir, fitted_prior=state.fitted_prior)
         session.tracker.log_images(images_fn(loaded, session.data), state.step)
         state.model.train()
 

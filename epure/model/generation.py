@@ -9,6 +9,9 @@
     >>> unconditional_probabilities(model, torch.zeros(4, 2)).shape  # [N, M, H, W], from normalised conditions
     torch.Size([4, 5, 64, 32])
 
+Unconditional designs may instead draw their latents from a density fitted to the training designs' latents
+(``fitted``, ``epure.model.fitted_prior``): a departure from the paper, see docs/model.md.
+
 ``epure.sample`` serves requests with these (batches, numpy, files). ``model`` may also be the
 straightforward view of a model (``reference.StraightforwardModel``): both run the code below.
 """
@@ -17,23 +20,38 @@ from __future__ import annotations
 
 import torch
 
+from epure.model.fitted_prior import FittedPrior
 from epure.model.latents import FAMILIES
 from epure.model.mmvae import MMVAEPlus, Posteriors
 
 JOINT_RULES = ("mixture", "product")
 CROSS_PRIORS = ("prior", "aux")
+LATENT_SAMPLERS = ("prior", "fitted")  # unconditional latents: the priors (paper) or the fitted prior
 
 
 @torch.no_grad()
-def unconditional_probabilities(model: MMVAEPlus, conditions: torch.Tensor,
-                                generator: torch.Generator | None = None) -> torch.Tensor:
-    """Unconditional designs: z ~ p(z), w_m ~ p(w) -> probabilities [N, M, H, W] for normalised conditions."""
+def unconditional_probabilities(model: MMVAEPlus, conditions: torch.Tensor, generator: torch.Generator | None = None,
+                                fitted: FittedPrior | None = None) -> torch.Tensor:
+    """Unconditional designs for normalised conditions -> probabilities [N, M, H, W]: z ~ p(z), w_m ~ p(w)
+    (the paper), or, given ``fitted``, the latents drawn from that fitted prior given the conditions."""
+    if fitted is not None:
+        return latent_probabilities(model, fitted.sample(conditions, generator), conditions)
     cond_emb = model.cond(conditions)
     n, m, cfg, device = cond_emb.shape[0], model.num_components, model.cfg, cond_emb.device
     z = model.family.noise((n, 1, cfg.latent_dim_z), device, generator)
     w = model.family.noise((n, m, cfg.latent_dim_w), device, generator)
     u = torch.cat([w, z.expand(n, m, -1)], dim=-1)
     return torch.sigmoid(model.decode(u, cond_emb))
+
+
+@torch.no_grad()
+def latent_probabilities(model: MMVAEPlus, latents: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
+    """Whole designs from latents [N, dz + M dw] laid out as [z, w_1, ..., w_M] (``fitted_prior``'s layout)
+    -> probabilities [N, M, H, W]."""
+    n, m, dz = latents.shape[0], model.num_components, model.cfg.latent_dim_z
+    z, w = latents[:, :dz], latents[:, dz:].reshape(n, m, model.cfg.latent_dim_w)
+    u = torch.cat([w, z[:, None].expand(n, m, dz)], dim=-1)
+    return torch.sigmoid(model.decode(u, model.cond(conditions)))
 
 
 @torch.no_grad()

@@ -1,0 +1,147 @@
+"""A density fitted to the training designs' latents after training, for unconditional generation.
+
+MMVAE+ draws unconditional designs from the fixed priors p(z) p(w_1..M). When the training posteriors do not
+fill the prior (their locations spread wider than it, or crowd into part of it), prior draws fall between
+the designs the decoders learnt and decode to an average design. The fitted prior instead draws latents
+where the training designs' posteriors are: it encodes the train split, takes each design's shared latent
+(the mean of the components' experts' locations, the mixture's mean) and every component's private latent
+(its posterior location), joins the design's normalised conditions, and fits a Gaussian mixture with full
+covariances to these vectors (one component: a Gaussian). A design for requested conditions c draws its
+latents from the mixture's conditional given c, so latents and conditions keep their joint distribution.
+This is a departure from the paper (an ex-post density estimate, as in Ghosh et al. 2020, "From variational
+to deterministic autoencoders"); ``model.latent_sampler: prior`` keeps the paper's sampler, and the fitted
+prior only changes unconditional generation (completions and training are untouched).
+
+It travels in the checkpoint as tensors and plain values (``to_state``), so ``torch.load(weights_only=True)``
+reads it.
+
+    >>> import torch
+    >>> from epure.model.fitted_prior import FittedPrior
+    >>> prior = FittedPrior(torch.ones(1), torch.zeros(1, 3), torch.eye(3)[None], latent_dim=2, designs=100)
+    >>> prior.sample(torch.zeros(5, 1)).shape  # latents [N, 2] given one normalised condition column
+    torch.Size([5, 2])
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+FIT_DESIGNS = 8000  # at most this many training designs (a fixed random subset) are encoded for the fit
+REG_COVAR = 1e-4  # added to every covariance's diagonal: unused latent dimensions have (almost) no spread
+
+
+@dataclass
+class FittedPrior:
+    """A Gaussian mixture over [z, w_1, ..., w_M, conditions]; ``latent_dim`` leading dimensions are latents."""
+
+    weights: torch.Tensor  # [G]
+    means: torch.Tensor  # [G, D + C]
+    covariances: torch.Tensor  # [G, D + C, D + C]
+    latent_dim: int  # D = dz + M dw
+    designs: int  # how many training designs it was fitted to
+
+    def __post_init__(self) -> None:
+        self.weights, self.means, self.covariances = (t.double() for t in (self.weights, self.means, self.covariances))
+
+    def to_state(self) -> dict:
+        return {"weights": self.weights.float(), "means": self.means.float(), "covariances": self.covariances.float(),
+                "latent_dim": int(self.latent_dim), "designs": int(self.designs)}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "FittedPrior":
+        """The fit ``to_state`` wrote; ValueError when its shapes do not fit together."""
+        weights, means, cov = (torch.as_tensor(state[k]) for k in ("weights", "means", "covariances"))
+        latent_dim = int(state["latent_dim"])
+        g = weights.shape[0] if weights.dim() == 1 else -1
+        d = means.shape[-1] if means.dim() == 2 else -1
+        if g < 1 or means.shape[0] != g or tuple(cov.shape) != (g, d, d) or not 0 < latent_dim <= d:
+            raise ValueError(f"weights {tuple(weights.shape)}, means {tuple(means.shape)} and covariances "
+                             f"{tuple(cov.shape)} with {latent_dim} latent dimensions do not fit together")
+        return cls(weights, means, cov, latent_dim, int(state["designs"]))
+
+    def sample(self, conditions: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Latents [N, D] drawn given normalised conditions [N, C]: the mixture's conditional at each row."""
+        d, n = self.latent_dim, conditions.shape[0]
+        device = conditions.device
+        mu_l, mu_c = self.means[:, :d], self.means[:, d:]
+        s_ll, s_lc, s_cc = self.covariances[:, :d, :d], self.covariances[:, :d, d:], self.covariances[:, d:, d:]
+        c = conditions.detach().cpu().double()
+        if s_cc.shape[-1]:
+            gain = torch.linalg.solve(s_cc, s_lc.transpose(1, 2)).transpose(1, 2)  # S_lc S_cc^-1, [G, D, C]
+            cov = s_ll - gain @ s_lc.transpose(1, 2)
+            offset = c[:, None] - mu_c[None]  # [N, G, C]
+            chol_c = torch.linalg.cholesky(s_cc)
+            solved = torch.linalg.solve_triangular(chol_c[None], offset[..., None], upper=False)[..., 0]
+            log_norm = -0.5 * (solved**2).sum(-1) - torch.log(torch.diagonal(chol_c, dim1=-2, dim2=-1)).sum(-1)
+            logits = torch.log(self.weights)[None] + log_norm  # responsibilities of each mixture component for c
+            loc = mu_l[None] + (gain[None] @ offset[..., None])[..., 0]  # [N, G, D]
+        else:
+            cov, logits = s_ll, torch.log(self.weights)[None].expand(n, -1)
+            loc = mu_l[None].expand(n, -1, -1)
+        chol = torch.linalg.cholesky(0.5 * (cov + cov.transpose(1, 2)))
+        probs = torch.softmax(logits, dim=-1).float().to(device)
+        pick = torch.multinomial(probs, 1, generator=generator)[:, 0].cpu()
+        noise = torch.randn((n, d), generator=generator, device=device).cpu().double()
+        rows = torch.arange(n)
+        drawn = loc[rows, pick] + (chol[pick] @ noise[..., None])[..., 0]
+        return drawn.float().to(device)
+
+
+@torch.no_grad()
+def design_latents(model, images: torch.Tensor, conditions: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """[N, dz + M dw] per design: the mixture's mean of z (average of the experts' locations), then each
+    component's private latent location. ``images`` uint8 [N, M, H, W], ``conditions`` normalised [N, C]."""
+    rows = []
+    for start in range(0, len(images), batch_size):
+        x = images[start: start + batch_size].float().div_(255)
+        post = model.encode(x, model.cond(conditions[start: start + batch_size]))
+        rows.append(torch.cat([post.z_loc.mean(1), post.w_loc.flatten(1)], dim=1).double().cpu())
+    return torch.cat(rows)
+
+
+def fit_prior(model, images: torch.Tensor, conditions: torch.Tensor, components: int = 1,
+              seed: int = 0, complete: torch.Tensor | None = None) -> FittedPrior | None:
+    """Fit the prior to (a fixed subset of at most ``FIT_DESIGNS`` of) the training designs; see the module doc.
+
+    ``complete``: bool [N], the designs that have every component (``data.missing: allow``); only they are
+    fitted, since a missing component's latent is no design's. None (no fit, with a warning) when fewer than
+    two designs are complete.
+    """
+    if complete is not None and not bool(complete.all()):
+        rows = torch.nonzero(complete.cpu()).flatten()
+        images, conditions = images[rows.to(images.device)], conditions[rows.to(conditions.device)]
+    if len(images) < 2:
+        log.warning("no fitted prior: %d training design(s) have every component, it needs 2; unconditional "
+                    "designs will be drawn from the priors", len(images))
+        return None
+    if len(images) > FIT_DESIGNS:
+        keep = torch.from_numpy(np.sort(np.random.default_rng(seed).choice(len(images), FIT_DESIGNS, replace=False)))
+        images, conditions = images[keep.to(images.device)], conditions[keep.to(conditions.device)]
+    was_training = model.training
+    model.eval()
+    latents = design_latents(model, images, conditions)
+    model.train(was_training)
+    data = torch.cat([latents, conditions.detach().double().cpu()], dim=1).numpy()
+    components = max(1, min(components, len(data) // max(1, data.shape[1])))  # enough designs per covariance
+    if components == 1:
+        mean = data.mean(0, keepdims=True)
+        cov = np.cov(data, rowvar=False)[None] + REG_COVAR * np.eye(data.shape[1])
+        weights = np.ones(1)
+    else:
+        from sklearn.mixture import GaussianMixture
+
+        mixture = GaussianMixture(components, covariance_type="full", reg_covar=REG_COVAR, random_state=seed,
+                                  max_iter=200, n_init=1).fit(data)
+        weights, mean, cov = mixture.weights_, mixture.means_, mixture.covariances_
+    log.info("fitted prior: %d component(s) over %d latent dimensions and %d conditions, %d designs",
+             components, latents.shape[1], conditions.shape[1], len(data))
+    return FittedPrior(torch.from_numpy(np.asarray(weights, dtype=np.float64)),
+                       torch.from_numpy(np.asarray(mean, dtype=np.float64)),
+                       torch.from_numpy(np.asarray(cov, dtype=np.float64)), latents.shape[1], len(data))
+

@@ -1,0 +1,179 @@
+"""The fitted prior: its conditional draws, its fit, how it travels in checkpoints, and sampling from it."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from epure.checkpoint import CheckpointError, load_model, read_checkpoint, save_checkpoint
+from epure.cli import app
+from epure.data import load_data, load_split
+from epure.evaluate import EvaluationError, EvaluationOptions, evaluate
+from epure.model.fitted_prior import FittedPrior, design_latents, fit_prior
+from epure.model.generation import latent_probabilities
+from epure.sample import SamplingError, generate
+from epure.train import train
+
+from factories import synthetic_dataset, tiny_config
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+COMPONENTS = ["group_nc", "group_km", "bt"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(run directory, config) of a tiny model trained for 2 epochs on 120 synthetic designs."""
+    base = tmp_path_factory.mktemp("fitted")
+    root = synthetic_dataset(base / "data", n=120)
+    cfg = tiny_config(root, base / "out", COMPONENTS, **{"train.epochs": 2})
+    torch.manual_seed(0)
+    return train(cfg).run_dir, cfg
+
+
+def test_conditional_draws_follow_the_mixture_given_the_conditions() -> None:
+    """Two Gaussians over (latent a, latent b, condition c): at c = 2 the second one is responsible for
+    almost every draw, and the draws have that Gaussian's conditional mean and covariance."""
+    cov1 = torch.tensor([[1.0, 0.3, 0.5], [0.3, 2.0, -0.4], [0.5, -0.4, 1.0]], dtype=torch.float64)
+    cov0 = torch.eye(3, dtype=torch.float64) * 0.5
+    means = torch.tensor([[5.0, 5.0, -2.0], [0.0, 1.0, 2.0]], dtype=torch.float64)
+    prior = FittedPrior(torch.tensor([0.5, 0.5], dtype=torch.float64), means, torch.stack([cov0, cov1]), 2, 10)
+    c = torch.full((40_000, 1), 2.5)
+    drawn = prior.sample(c, torch.Generator().manual_seed(0)).double()
+    gain = cov1[:2, 2:] / cov1[2, 2]
+    mean = means[1, :2] + gain[:, 0] * (2.5 - 2.0)
+    cov = cov1[:2, :2] - gain @ cov1[2:, :2]
+    torch.testing.assert_close(drawn.mean(0), mean, atol=0.03, rtol=0)
+    torch.testing.assert_close(torch.cov(drawn.T), cov, atol=0.05, rtol=0)
+    # between the two means of c both Gaussians answer, each in proportion to its weight times its density at c
+    middle = prior.sample(torch.zeros((20_000, 1)), torch.Generator().manual_seed(1))
+    density = [torch.distributions.Normal(means[g, 2], cov[2, 2].sqrt()).log_prob(torch.tensor(0.0)).exp()
+               for g, cov in enumerate((cov0, cov1))]
+    share = (density[0] / (density[0] + density[1])).item()  # about 0.16
+    assert (middle[:, 0] > 2.5).float().mean().item() == pytest.approx(share, abs=0.01)
+    # the same generator seed gives the same draws
+    again = prior.sample(c, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(again, drawn.float(), rtol=0, atol=0)
+
+
+def test_a_gaussian_fit_is_the_latents_mean_and_covariance(trained) -> None:
+    run_dir, cfg = trained
+    loaded = load_model(run_dir)
+    split = load_split(cfg.data.root, "train", cfg.data)
+    x = torch.from_numpy(split.images)
+    c = torch.from_numpy(loaded.normalizer.normalize(split.conditions))
+    prior = fit_prior(loaded.model, x, c, components=1)
+    latents = design_latents(loaded.model, x, c)
+    assert latents.shape == (len(split), 4 + 3 * 4) and prior.latent_dim == 16
+    joined = torch.cat([latents, c.double()], dim=1)
+    torch.testing.assert_close(prior.means[0], joined.mean(0))
+    torch.testing.assert_close(prior.covariances[0], torch.cov(joined.T) + 1e-4 * torch.eye(18, dtype=torch.float64))
+    # the latents: the mean of the experts' z locations, then every component's w location
+    post = loaded.model.encode(x[:3].float() / 255, loaded.model.cond(c[:3]))
+    torch.testing.assert_close(latents[:3, :4].float(), post.z_loc.mean(1))
+    torch.testing.assert_close(latents[:3, 4:8].float(), post.w_loc[:, 0])
+    # only complete designs are fitted (data.missing: allow); too few of them: no fit
+    complete = torch.ones(len(x), dtype=torch.bool)
+    complete[::2] = False
+    partial = fit_prior(loaded.model, x, c, components=1, complete=complete)
+    torch.testing.assert_close(partial.means[0], joined[1::2].mean(0))
+    assert partial.designs == len(x) // 2
+    assert fit_prior(loaded.model, x, c, complete=torch.zeros(len(x), dtype=torch.bool)) is None
+    mixture = fit_prior(loaded.model, x, c, components=2)
+    assert mixture.weights.shape == (2,) and mixture.weights.sum().item() == pytest.approx(1.0)
+
+
+def test_training_stores_the_fit_and_sampling_uses_it(trained, tmp_path, caplog) -> None:
+    run_dir, cfg = trained
+    path = run_dir / "checkpoints" / "last.pt"
+    raw_state = torch.load(path, map_location="cpu", weights_only=True)  # the fit holds tensors and plain values only
+    stored = raw_state["fitted_prior"]
+    assert {type(v) for v in stored.values()} <= {torch.Tensor, int}
+    state = read_checkpoint(path)
+    designs = load_data(cfg.data).train  # the train split less the validation designs
+    assert state["fitted_prior"]["designs"] == len(designs)
+    loaded = load_model(run_dir, prefer="last")
+    assert loaded.fitted_prior is not None and loaded.fitted_prior.latent_dim == 16
+    # the loaded fit is the one the training wrote, and the weights it was fitted to give it again
+    for key in ("weights", "means", "covariances"):
+        torch.testing.assert_close(getattr(loaded.fitted_prior, key).float(), stored[key], rtol=0, atol=0)
+    refit = fit_prior(loaded.model, torch.from_numpy(designs.images),
+                      torch.from_numpy(loaded.normalizer.normalize(designs.conditions)),
+                      cfg.model.fitted_prior_components, cfg.train.seed)
+    torch.testing.assert_close(refit.means.float(), stored["means"], rtol=1e-4, atol=1e-5)
+    raw = loaded.train_conditions[:6]
+    (prior_made,) = generate(loaded, raw, batch_size=6, seed=0, sampler="prior")
+    # a fitted prior squeezed onto one design's latents decodes every draw to that design's reconstruction
+    x = torch.from_numpy(load_split(cfg.data.root, "train", cfg.data).images[:1])
+    c = torch.from_numpy(loaded.normalizer.normalize(raw))
+    point = design_latents(loaded.model, x, c[:1])
+    d = point.shape[1]
+    loaded.fitted_prior = FittedPrior(torch.ones(1, dtype=torch.float64),
+                                      torch.cat([point, torch.zeros(1, 2, dtype=torch.float64)], 1),
+                                      torch.eye(d + 2, dtype=torch.float64)[None] * 1e-10, d, 1)
+    (fitted_made,) = generate(loaded, raw, batch_size=6, seed=0, sampler="fitted")
+    expected = latent_probabilities(loaded.model, point.float().expand(6, -1), c).numpy()
+    np.testing.assert_allclose(fitted_made, expected, atol=1e-4)
+    assert np.abs(fitted_made - prior_made).max() > 0.1
+    loaded.config.model.latent_sampler = "fitted"  # the config's choice is the default
+    (by_config,) = generate(loaded, raw, batch_size=6, seed=0)
+    np.testing.assert_array_equal(by_config, fitted_made)
+    with pytest.raises(SamplingError, match="--latent-sampler"):
+        next(generate(loaded, raw, sampler="gmm"))
+
+    # a damaged fit is a clear error naming the file
+    broken = dict(state, fitted_prior={**state["fitted_prior"], "means": torch.zeros(3)})
+    save_checkpoint(tmp_path / "broken.pt", broken)
+    with pytest.raises(CheckpointError, match="broken.pt: its fitted_prior is damaged"):
+        load_model(tmp_path / "broken.pt")
+    fit_for_another = FittedPrior.from_state(stored)
+    fit_for_another.latent_dim = 15
+    save_checkpoint(tmp_path / "other.pt", dict(state, fitted_prior=fit_for_another.to_state()))
+    with pytest.raises(CheckpointError, match="other.pt: its fitted_prior covers 15 latent dimensions, the model has 16"):
+        load_model(tmp_path / "other.pt")
+
+    # a checkpoint without a fit (an older epure, or saved mid-epoch) warns and draws from the priors
+    del state["fitted_prior"]
+    save_checkpoint(tmp_path / "old.pt", state)
+    old = load_model(tmp_path / "old.pt")
+    assert old.fitted_prior is None
+    with caplog.at_level(logging.WARNING):
+        (fallback,) = generate(old, raw, batch_size=6, seed=0, sampler="fitted")
+    assert "holds no fitted prior" in caplog.text
+    (plain,) = generate(old, raw, batch_size=6, seed=0, sampler="prior")
+    np.testing.assert_array_equal(fallback, plain)
+
+
+def test_evaluate_and_sample_take_the_sampler(trained, tmp_path) -> None:
+    run_dir, cfg = trained
+    loaded = load_model(run_dir)
+    test = load_split(cfg.data.root, "test", cfg.data)
+    by_rule = {rule: evaluate(loaded, test, EvaluationOptions(bootstrap=0, draws=0, latent_sampler=rule))
+               for rule in ("prior", "fitted")}
+    assert by_rule["fitted"].info["latent_sampler"] == "fitted" and by_rule["prior"].info["latent_sampler"] == "prior"
+    np.testing.assert_array_equal(by_rule["fitted"].iou, by_rule["prior"].iou)  # completions do not change
+    assert by_rule["fitted"].dims != by_rule["prior"].dims
+    with pytest.raises(EvaluationError, match="--latent-sampler"):
+        evaluate(loaded, test, EvaluationOptions(latent_sampler="gmm"))
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["evaluate", "--checkpoint", str(run_dir), "--bootstrap", "0", "--draws", "0",
+                              "--latent-sampler", "fitted", "--out", str(tmp_path / "e.json"), "--device", "cpu"],
+                        env={"COLUMNS": "300"})
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "e.json").read_text())["info"]["latent_sampler"] == "fitted"
+    assert "unconditional latents from the fitted prior" in res.output
+    for rule in ("prior", "fitted"):
+        res = runner.invoke(app, ["sample", "--checkpoint", str(run_dir), "--num-samples", "3", "--seed", "1",
+                                  "--latent-sampler", rule, "--out", str(tmp_path / rule), "--device", "cpu"])
+        assert res.exit_code == 0, res.output
+    made = {rule: sorted((tmp_path / rule / "unconditional" / "group_nc").glob("*.png")) for rule in ("prior", "fitted")}
+    assert len(made["prior"]) == len(made["fitted"]) == 3
+    assert [p.read_bytes() for p in made["prior"]] != [p.read_bytes() for p in made["fitted"]]
+    res = runner.invoke(app, ["sample", "--checkpoint", str(run_dir), "--latent-sampler", "gmm",
+                              "--out", str(tmp_path / "bad")])
+    assert res.exit_code != 0 and "--latent-sampler must be one of prior, fitted" in res.output
