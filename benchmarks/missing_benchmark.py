@@ -35,6 +35,8 @@ from epure.train import train
 from toy_benchmark import LOWER_IS_BETTER, our_row
 
 ARMS = {"a": "(a) keep incomplete", "b": "(b) discard them"}
+DIVERSITY_ROWS = {"unconditional: precision": "eval/diversity/precision", "unconditional: recall": "eval/diversity/recall",
+                  "unconditional: coverage": "eval/diversity/coverage"}
 
 
 def drop_one_component(split: Split, share: float, seed: int) -> Split:
@@ -85,8 +87,9 @@ def main() -> None:
         run = train(cfg, data=bundle)
         minutes = (time.perf_counter() - start) / 60
         metrics = evaluate(load_model(run.run_dir, prefer="last"), data.test, options).flat()
+        row = {**our_row(metrics), **{label: metrics[key] for label, key in DIVERSITY_ROWS.items() if key in metrics}}
         results[name] = {"run_dir": str(run.run_dir), "steps": run.step, "minutes": minutes,
-                         "train": bundle.train.availability(), "row": our_row(metrics), "metrics": metrics}
+                         "train": bundle.train.availability(), "row": row, "metrics": metrics}
 
     gpu = f"{torch.cuda.get_device_name()}, " if torch.cuda.is_available() else ""
     title = (f"{args.config}: {args.max_steps} steps each ({results['a']['minutes']:.1f} and "
