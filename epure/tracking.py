@@ -443,17 +443,34 @@ def has_credentials() -> bool:
         return False
 
 
+WANDB_ENV_MODES = ("online", "offline", "shared", "disabled", "dryrun", "run")  # what W&B accepts in WANDB_MODE
+
+
+def env_mode() -> str:
+    """``WANDB_MODE`` ('' when unset). W&B refuses any other value than its own, even an empty one, with a
+    traceback from inside ``wandb.init``; here that is a ConfigError naming the variable, before anything runs."""
+    value = os.environ.get("WANDB_MODE")
+    if value is None:
+        return ""
+    if value not in WANDB_ENV_MODES:
+        raise ConfigError(f"the environment variable WANDB_MODE is {value!r}, which W&B does not accept: set it to "
+                          f"one of {', '.join(WANDB_ENV_MODES)}, or unset it (`unset WANDB_MODE`)")
+    return value
+
+
 def resolve_mode(mode: str) -> str:
     """``off``, ``online`` or ``offline``. ``WANDB_MODE=disabled`` always turns tracking off; ``auto`` follows
     ``WANDB_MODE`` when set, else goes online only with a login (and says once that it runs offline)."""
-    env_mode = os.environ.get("WANDB_MODE", "").lower()
-    if mode == "off" or env_mode == "disabled":
+    if mode == "off":
+        return "off"
+    env_mode_now = env_mode()
+    if env_mode_now == "disabled":
         return "off"
     if mode != "auto":
         return mode
-    if env_mode in ("online", "offline"):
-        return env_mode
-    if env_mode == "dryrun":
+    if env_mode_now in ("online", "offline"):
+        return env_mode_now
+    if env_mode_now == "dryrun":
         return "offline"
     if has_credentials():
         return "online"
@@ -500,9 +517,9 @@ def parse_artifact_spec(spec: str, project: str | None = None,
 
 def offline_reason() -> str | None:
     """Why W&B cannot be reached from here (offline mode, no login), or None when it can."""
-    env_mode = os.environ.get("WANDB_MODE", "").lower()
-    if env_mode in ("offline", "dryrun", "disabled"):
-        return f"WANDB_MODE={env_mode}"
+    env_mode_now = env_mode()
+    if env_mode_now in ("offline", "dryrun", "disabled"):
+        return f"WANDB_MODE={env_mode_now}"
     if not has_credentials():
         return "there is no W&B login (no API key)"
     return None

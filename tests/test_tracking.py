@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 
 from epure.checkpoint import load_model, save_checkpoint
 from epure.cli import app
-from epure.config import Config, WandbConfig, config_from_dict, save_config
+from epure.config import Config, ConfigError, WandbConfig, config_from_dict, save_config
 from epure.data.cache import cache_root
 from epure.data.synth import write_synthetic_dataset
 from epure.sample import progress_images, unconditional_requests, write_unconditional
@@ -273,6 +273,19 @@ def test_tracking_mode_choice(monkeypatch: pytest.MonkeyPatch, caplog: pytest.Lo
     monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
     assert make_tracker(WandbConfig(mode="auto")).mode == "online"
     assert not caplog.records  # only a missing login is worth a warning
+
+
+@pytest.mark.parametrize("value", ["", "Offline", "off"])
+def test_a_wandb_mode_that_wandb_refuses_is_a_clear_error(value: str, monkeypatch: pytest.MonkeyPatch,
+                                                          tmp_path: Path) -> None:
+    """W&B itself fails inside wandb.init with a validation traceback on these; epure names the variable first."""
+    monkeypatch.setenv("WANDB_MODE", value)
+    with pytest.raises(ConfigError, match=f"WANDB_MODE is {value!r}, which W&B does not accept"):
+        make_tracker(WandbConfig(mode="auto"))
+    assert isinstance(make_tracker(WandbConfig(mode="off")), NullTracker)  # tracking off never reads it
+    res = CliRunner().invoke(app, ["train", "--max-steps", "1", "--output-dir", str(tmp_path / "out")])
+    assert res.exit_code == 2 and "unset WANDB_MODE" in res.output
+    assert not (tmp_path / "out").exists()  # refused before any run directory or data
 
 
 def test_wandb_errors_never_stop_training(dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
