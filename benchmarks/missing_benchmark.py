@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -119,8 +120,9 @@ def main() -> None:
 def table(results: dict, args: argparse.Namespace, test_designs: int) -> Table:
     """Both arms side by side, with their difference; the better arm's value in green."""
     gpu = f"{torch.cuda.get_device_name()}, " if torch.cuda.is_available() else ""
-    title = (f"{args.config}: {args.max_steps} steps each ({results['a']['minutes']:.1f} and "
-             f"{results['b']['minutes']:.1f} min), {gpu}{len(os.sched_getaffinity(0))} CPUs, load average "
+    spent = " and ".join("a finished run" if math.isnan(results[arm]["minutes"]) else f"{results[arm]['minutes']:.1f} min"
+                         for arm in ("a", "b"))
+    title = (f"{args.config}: {args.max_steps} steps each ({spent}), {gpu}{len(os.sched_getaffinity(0))} CPUs, load average "
              f"{os.getloadavg()[0]:.1f}; {args.share:.0%} of the train designs lack one component; scored on "
              f"{min(args.eval_limit, test_designs):,} complete test sections")
     out = Table(title=title)
