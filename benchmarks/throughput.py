@@ -36,7 +36,9 @@ from epure.config import Config, load_config
 from epure.io import atomic_write_json
 from epure.model import MMVAEPlus, forward_objective
 from epure.model.generation import completion_probabilities, unconditional_probabilities
+from epure.model.backward import objective_backward
 from epure.model.reference import StraightforwardModel
+from epure.train import make_optimizer
 
 FLOP_BATCH = 4  # batch on which FLOPs are counted (exactly linear in the batch)
 
@@ -142,7 +144,7 @@ class Bench:
         torch.manual_seed(0)
         self.cfg, self.device = cfg, device
         self.model = MMVAEPlus(cfg.model, cfg.data.components, cfg.data.image_size).to(device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr, amsgrad=cfg.train.amsgrad)
+        self.optimizer = make_optimizer(self.model, cfg.train)
         self.x, self.c = make_batch(cfg, batch, device)
         self.amp = False
 
@@ -162,13 +164,18 @@ class Bench:
     def autocast(self) -> AbstractContextManager:
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else nullcontext()
 
-    def train_step(self, fast: bool, x: torch.Tensor | None = None, c: torch.Tensor | None = None) -> None:
-        """Forward, backward and optimiser step of the exact ``elbo`` objective, as ``epure train`` does."""
+    def train_step(self, mode: str, x: torch.Tensor | None = None, c: torch.Tensor | None = None) -> None:
+        """Forward, backward and optimiser step of the exact ``elbo`` objective. ``fast`` modes backpropagate
+        chunk by chunk as ``epure train`` does; ``straightforward`` and ``one graph`` build the whole step's graph
+        and call ``loss.backward()`` once (on the reference, or on the fast networks)."""
         x, c = (self.x, self.c) if x is None else (x, c)
-        with self.autocast():
-            out = forward_objective(self.path(fast), x, c, "elbo", self.cfg.model.beta, 1)
+        beta = self.cfg.model.beta
         self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        with self.autocast():
+            if mode.startswith("fast"):
+                objective_backward(self.model, x, c, "elbo", beta, 1)
+            else:
+                forward_objective(self.path(mode == "one graph"), x, c, "elbo", beta, 1).loss.backward()
         self.optimizer.step()
 
     @torch.no_grad()
@@ -201,7 +208,7 @@ def run_config(name: str, args: argparse.Namespace, device: torch.device, matmul
     cfg = load_config(name)
     batch = args.batch_size
     bench = Bench(cfg, batch, device)
-    modes: list[tuple[str, bool]] = [("straightforward", False), ("fast", True)]
+    modes: list[tuple[str, bool]] = [("straightforward", False), ("one graph", True), ("fast", True)]
     if args.bf16:
         if device.type != "cuda":
             console.print("[yellow]--bf16 is for CUDA only (this CPU has no native bf16); skipped")
@@ -217,7 +224,7 @@ def run_config(name: str, args: argparse.Namespace, device: torch.device, matmul
             console.log(f"{name}: compiling")
             try:
                 start = time.perf_counter()
-                bench.train_step(fast)
+                bench.train_step(mode)
                 bench.generate(fast)
                 bench.inpaint(fast)
                 console.log(f"{name}: compiled in {time.perf_counter() - start:.0f} s")
@@ -228,7 +235,7 @@ def run_config(name: str, args: argparse.Namespace, device: torch.device, matmul
     for mode, fast in modes:
         r = results[mode]
         bench.set_mode(mode)
-        r.train_gflop_per_example = counted_gflop(lambda: bench.train_step(fast, fx, fc)) / FLOP_BATCH
+        r.train_gflop_per_example = counted_gflop(lambda: bench.train_step(mode, fx, fc)) / FLOP_BATCH
         r.generate_gflop_per_example = counted_gflop(lambda: bench.generate(fast, fc)) / FLOP_BATCH
         r.inpaint_gflop_per_example = counted_gflop(lambda: bench.inpaint(fast, fx, fc)) / FLOP_BATCH
     bench.model.load_state_dict(state)  # the FLOP-counting steps moved the weights; every mode starts alike
@@ -236,22 +243,26 @@ def run_config(name: str, args: argparse.Namespace, device: torch.device, matmul
     for mode, fast in modes:
         bench.set_mode(mode)
         console.log(f"{name}: warming up {mode}")
-        timed(lambda: bench.train_step(fast), device, args.warmup)
+        timed(lambda: bench.train_step(mode), device, args.warmup)
     for _ in range(args.steps):
         for mode, fast in modes:
             bench.set_mode(mode)
             with PeakMemory(device) as peak:
-                results[mode].step_seconds += timed(lambda: bench.train_step(fast), device, 1)
+                results[mode].step_seconds += timed(lambda: bench.train_step(mode), device, 1)
             results[mode].peak_memory_mib = max(nan_to_zero(results[mode].peak_memory_mib), peak.peak_bytes / 2**20)
     sample_seconds: dict[str, dict[str, list[float]]] = {mode: {"generate": [], "inpaint": []} for mode, _ in modes}
     for repeat in range(args.sample_repeats + 1):  # interleaved like training; the first round warms up
         for mode, fast in modes:
+            if mode == "one graph":  # samples exactly as ``fast`` does: only its training differs
+                continue
             bench.set_mode(mode)
             gen, inp = timed(lambda: bench.generate(fast), device, 1), timed(lambda: bench.inpaint(fast), device, 1)
             if repeat:
                 sample_seconds[mode]["generate"] += gen
                 sample_seconds[mode]["inpaint"] += inp
     for mode, seconds in sample_seconds.items():
+        if not seconds["generate"]:
+            continue
         results[mode].generate_examples_per_s = batch / min(seconds["generate"])
         results[mode].inpaint_examples_per_s = batch / min(seconds["inpaint"])
     reference = results["straightforward"]

@@ -260,7 +260,7 @@ def train_command(
     wandb_mode: Annotated[Optional[str], typer.Option(
         "--wandb", help="auto (online when logged in, else offline) | online | offline | off.")] = None,
     devices: Annotated[int, typer.Option(
-        "--devices", help="Train on N local processes (DistributedDataParallel via torchrun).")] = 1,
+        "--devices", help="Train on N local processes (torchrun; gradients averaged over them).")] = 1,
     register: Annotated[Optional[str], typer.Option(
         "--register", help="Link the best model to this W&B Registry collection at the end (W&B online).")] = None,
     assignments: SetOption = None,

@@ -4,7 +4,7 @@
 
 ``torchrun --nproc_per_node=N -m epure train ...`` sets RANK, WORLD_SIZE and LOCAL_RANK; every process
 then trains on its own share of each global batch (``train.batch_size`` examples per process), gradients
-are all-reduced by DistributedDataParallel, and only rank 0 writes checkpoints and talks to W&B. NCCL
+are averaged over the processes (one all-reduce per step, ``average_gradients``), and only rank 0 writes checkpoints and talks to W&B. NCCL
 on GPUs, gloo on CPUs. A single process (no WORLD_SIZE) runs exactly as before.
 """
 
@@ -75,6 +75,28 @@ def sum_across(ctx: Distributed, values: list[float]) -> list[float]:
         tensor = tensor.cuda()
     dist.all_reduce(tensor)
     return tensor.cpu().tolist()
+
+
+def average_gradients(ctx: Distributed, parameters) -> None:
+    """Every parameter's ``.grad`` replaced by its mean over all ranks, in one all-reduce of one flat buffer.
+
+    Why not DistributedDataParallel: the training step backpropagates chunk by chunk
+    (``epure.model.backward``), so a parameter's gradient is ready many times per step, which DDP's hooks
+    refuse; one reduction after the backward is also all a step of this model needs to overlap.
+    """
+    if not ctx.enabled:
+        return
+    parameters = [p for p in parameters if p.requires_grad]
+    for p in parameters:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in parameters])
+    dist.all_reduce(flat)
+    flat /= ctx.world_size
+    offset = 0
+    for p in parameters:
+        p.grad.copy_(flat[offset: offset + p.numel()].view_as(p.grad))
+        offset += p.numel()
 
 
 def launch_command(devices: int, argv: list[str]) -> list[str]:

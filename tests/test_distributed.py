@@ -1,4 +1,4 @@
-"""DistributedDataParallel: two gloo processes on the CPU equal one process with the combined batch."""
+"""Multi-process training: two gloo processes on the CPU equal one process with the combined batch."""
 
 from __future__ import annotations
 

@@ -231,24 +231,22 @@ def test_nan_losses_are_skipped_then_stop_naming_step_and_ids(reference: Referen
 
 
 def poison_gradients(monkeypatch: pytest.MonkeyPatch, calls: set[int] | None) -> None:
-    """From now on, the training objective's ``calls`` (counted from 1; None: every one) keep a finite loss whose
-    gradient is NaN: d sqrt(u) / du at u = 0 is infinite, times du / dp = 0."""
+    """From now on, the training step's ``calls`` (counted from 1; None: every one) keep a finite loss but leave a
+    NaN in one parameter's gradient, as a NaN reaching the backward pass would."""
     import epure.train
 
-    real = epure.train.forward_objective
+    real = epure.train.objective_backward
     count = 0
 
     def objective(model, *args, **kwargs):
         nonlocal count
         out = real(model, *args, **kwargs)
-        if not torch.is_grad_enabled():  # validation
-            return out
         count += 1
         if calls is None or count in calls:
-            out.loss = out.loss + (0.0 * next(model.parameters()).sum()).sqrt()
+            next(model.parameters()).grad.view(-1)[0] = math.nan
         return out
 
-    monkeypatch.setattr(epure.train, "forward_objective", objective)
+    monkeypatch.setattr(epure.train, "objective_backward", objective)
 
 
 def all_finite(tree) -> bool:

@@ -1,9 +1,10 @@
 """The model's one forward path and its straightforward view (``epure.model.reference``) compute the same numbers.
 
 The forward path batches decoding by target, runs channels-last, folds nearest upsampling into transposed
-convolutions, runs 1x1 convolutions as matmuls and projects the condition once per example
-(docs/performance.md); none of that may change the loss, the gradients or the samples beyond float32
-rounding, in the encoders as in the decoders.
+convolutions, runs 1x1 convolutions as matmuls, projects the condition once per example and runs the networks
+on chunks of rows; training backpropagates chunk by chunk (``epure.model.backward``) (docs/performance.md).
+None of that may change the loss, the gradients or the samples beyond float32 rounding, in the encoders as in
+the decoders.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+import epure.model.mmvae
 from epure.model import MMVAEPlus, forward_objective
+from epure.model.backward import objective_backward
 from epure.model.convolutions import MaskConv2d, PointwiseConv2d, UpsampleConv2d
 from epure.model.generation import completion_probabilities, unconditional_probabilities
 from epure.model.reference import StraightforwardModel, conv
@@ -19,6 +22,7 @@ from epure.model.reference import StraightforwardModel, conv
 from factories import tiny_config
 
 TOLERANCE = 1e-5  # relative, float32
+FLOAT64_TOLERANCE = 1e-10
 
 
 def small_model(m: int, family: str) -> MMVAEPlus:
@@ -53,6 +57,60 @@ def test_fast_and_straightforward_paths_agree(m: int, objective: str, k: int, fa
     assert relative_error(fast_grads, ref_grads) < TOLERANCE
     for p in model.parameters():  # no parameter's gradient may hide a large error inside the global norm
         assert p.grad is not None
+
+
+@pytest.mark.parametrize("recompute_encoders", [True, False])
+@pytest.mark.parametrize("objective,k", [("elbo", 1), ("dreg", 1), ("elbo", 2), ("dreg", 3)])
+@pytest.mark.parametrize("m", [3, 5])
+def test_chunked_backward_equals_the_one_graph_backward(m: int, objective: str, k: int,
+                                                        recompute_encoders: bool) -> None:
+    """Training's backward, chunk by chunk, against ``forward_objective(...).loss.backward()``: loss, bound,
+    logged terms and every parameter's gradient, with designs that lack components and chunks that split both
+    the examples and a target's sources. In float64, so that every parameter's gradient is checked on its own
+    (in float32 a small one, like the auxiliary priors', differs by a relative 1e-5 from summation order)."""
+    model = small_model(m, "Laplace").double()
+    g = torch.Generator().manual_seed(10 + m)
+    x, c = (torch.rand(7, m, 64, 32, generator=g) > 0.6).double(), torch.randn(7, 2, generator=g).double()
+    available = torch.ones(7, m, dtype=torch.bool)
+    available[0, 1], available[3, [0, m - 1]], available[5, 2:] = False, False, False
+    x = x * available[:, :, None, None]
+    one_graph = forward_objective_and_gradients(model, x, c, objective, k, available)
+    torch.manual_seed(7)
+    model.zero_grad()
+    out = objective_backward(model, x, c, objective, 2.5, k, available=available, decoder_rows=2 * k * m + 1,
+                             encoder_rows=3, recompute_encoders=recompute_encoders)
+    assert not out.loss.requires_grad
+    assert relative_error(out.loss, one_graph.loss) < FLOAT64_TOLERANCE
+    assert relative_error(out.bound, one_graph.bound) < FLOAT64_TOLERANCE
+    for name, value in one_graph.terms.items():
+        assert relative_error(out.terms[name], value) < FLOAT64_TOLERANCE, name
+    for (name, p), expected in zip(model.named_parameters(), one_graph.grads):
+        assert relative_error(p.grad, expected) < FLOAT64_TOLERANCE, name
+
+
+def forward_objective_and_gradients(model: MMVAEPlus, x, c, objective: str, k: int, available):
+    torch.manual_seed(7)
+    model.zero_grad()
+    out = forward_objective(model, x, c, objective, beta=2.5, k=k, available=available)
+    out.loss.backward()
+    out.grads = [p.grad.clone() for p in model.parameters()]
+    return out
+
+
+def test_networks_split_into_chunks_compute_what_one_call_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = small_model(3, "Laplace")
+    g = torch.Generator().manual_seed(4)
+    x, c = (torch.rand(7, 3, 64, 32, generator=g) > 0.6).float(), torch.randn(7, 2, generator=g)
+    u, pairs = torch.randn(7, 3, model.cfg.latent_dim_u, generator=g), torch.randn(2, 7, 3, 3, model.cfg.latent_dim_u)
+    with torch.no_grad():
+        emb = model.cond(c)
+        whole = [model.decode(u, emb), model.encode(x, emb).z_scale, model.decode_pairs(pairs, emb)]
+        monkeypatch.setattr(epure.model.mmvae, "ENCODER_CHUNK_ROWS", 3)
+        monkeypatch.setattr(epure.model.mmvae, "DECODER_CHUNK_ROWS", 5)
+        chunked = [model.decode(u, emb), model.encode(x, emb).z_scale, model.decode_pairs(pairs, emb)]
+    for one, split in zip(whole, chunked):
+        assert one.shape == split.shape
+        assert relative_error(split, one) < TOLERANCE
 
 
 def test_sampling_paths_agree() -> None:

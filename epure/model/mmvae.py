@@ -31,6 +31,13 @@ from epure.model.latents import FAMILIES
 from epure.model.networks import ConditionMLP, Decoder, Encoder
 
 
+# The networks run on chunks of rows: a chunk's feature maps stay in the CPU's caches and its allocations are
+# reused, where a batch-wide 64x32 feature map (200 MB at the default config) is written to fresh memory;
+# measured, docs/performance.md. Training holds one chunk's graph at a time (``backward``).
+ENCODER_CHUNK_ROWS = 32  # examples per encoder call
+DECODER_CHUNK_ROWS = 80  # (sample, example, source) rows per decoder call
+
+
 @dataclass
 class Posteriors:
     """Per-component posterior parameters, each [B, M, dim]."""
@@ -75,14 +82,28 @@ class MMVAEPlus(nn.Module):
 
     def encode(self, x: torch.Tensor, cond_emb: torch.Tensor, which: list[int] | None = None) -> Posteriors:
         """x [B, M, H, W] in [0, 1] -> posteriors [B, len(which), dim] for the components in ``which``."""
+        return self.posteriors(*self.encoder_outputs(x, cond_emb, which))
+
+    def encoder_outputs(self, x: torch.Tensor, cond_emb: torch.Tensor,
+                        which: list[int] | None = None) -> list[torch.Tensor]:
+        """The encoders of ``which`` on x [B, M, H, W]: [w_loc, w_raw_scale, z_loc, z_raw_scale], each
+        [B, len(which), dim]."""
         which = list(range(self.num_components)) if which is None else which
-        outs = [self.encoders[m](x[:, m: m + 1], cond_emb) for m in which]
-        w_loc, w_raw, z_loc, z_raw = (torch.stack(t, dim=1) for t in zip(*outs))
+        chunks = []
+        for rows in row_chunks(x.shape[0], ENCODER_CHUNK_ROWS):
+            outs = [self.encoders[m](x[rows, m: m + 1], cond_emb[rows]) for m in which]
+            chunks.append([torch.stack(t, dim=1) for t in zip(*outs)])
+        return [torch.cat(parts) for parts in zip(*chunks)]
+
+    def posteriors(self, w_loc: torch.Tensor, w_raw: torch.Tensor, z_loc: torch.Tensor,
+                   z_raw: torch.Tensor) -> Posteriors:
+        """The encoders' outputs (locations and raw scales, each [B, M, dim]) as posteriors."""
         return Posteriors(w_loc, self.family.scale(w_raw), z_loc, self.family.scale(z_raw))
 
     def decode(self, u: torch.Tensor, cond_emb: torch.Tensor) -> torch.Tensor:
         """u [N, M, du] (one latent per target component), cond_emb [N, F] -> logits [N, M, H, W]."""
-        return torch.stack([self.decoders[n](u[:, n], cond_emb) for n in range(self.num_components)], dim=1)
+        return torch.cat([torch.stack([self.decoders[n](u[rows, n], cond_emb[rows]) for n in range(self.num_components)],
+                                      dim=1) for rows in row_chunks(u.shape[0], DECODER_CHUNK_ROWS)])
 
     def decode_pairs(self, u: torch.Tensor, cond_emb: torch.Tensor) -> torch.Tensor:
         """u [K, B, M_source, M_target, du], cond_emb [B, F] -> logits [K, B, M_source, M_target, H, W].
@@ -91,6 +112,14 @@ class MMVAEPlus(nn.Module):
         of the first layer is computed once per example.
         """
         k, b, m, _, _ = u.shape
-        cond = cond_emb[None, :, None]  # broadcasts over samples and sources
-        per_target = [self.decoders[n](u[:, :, :, n], cond).view(k, b, m, *self.image_size) for n in range(m)]
-        return torch.stack(per_target, dim=3)
+        chunks = []
+        for rows in row_chunks(b, max(1, DECODER_CHUNK_ROWS // (k * m))):
+            cond = cond_emb[None, rows, None]  # broadcasts over samples and sources
+            chunks.append(torch.stack([self.decoders[n](u[:, rows, :, n], cond).view(k, -1, m, *self.image_size)
+                                       for n in range(m)], dim=3))
+        return torch.cat(chunks, dim=1)
+
+
+def row_chunks(rows: int, per_chunk: int) -> list[slice]:
+    """Slices of at most ``per_chunk`` rows covering ``rows``."""
+    return [slice(start, min(start + per_chunk, rows)) for start in range(0, rows, per_chunk)]
