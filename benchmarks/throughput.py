@@ -1,7 +1,8 @@
 """Training and sampling throughput of the fast path against the straightforward reference, in one run.
 
     python benchmarks/throughput.py [--configs mmvaeplus_default toy] [--batch-size 128] [--steps 2]
-                                    [--device cpu|cuda] [--compile] [--bf16] [--json throughput.json]
+                                    [--device cpu|cuda] [--compile] [--bf16] [--scan-components]
+                                    [--json throughput.json]
 
 Quick check: --configs toy --batch-size 32 --steps 1.
 
@@ -35,6 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from epure.config import Config, load_config
 from epure.io import atomic_write_json
 from epure.model import MMVAEPlus, forward_objective
+from epure.model.mmvae import ENCODER_CHUNK_ROWS
 from epure.model.generation import completion_probabilities, unconditional_probabilities
 from epure.model.backward import objective_backward
 from epure.model.reference import StraightforwardModel
@@ -81,10 +83,8 @@ class PeakMemory(AbstractContextManager):
         return self
 
     def _poll(self) -> None:
-        page = os.sysconf("SC_PAGE_SIZE")
         while not self._stop.is_set():
-            with open("/proc/self/statm") as handle:
-                self.peak_bytes = max(self.peak_bytes, int(handle.read().split()[1]) * page)
+            self.peak_bytes = max(self.peak_bytes, resident_bytes())
             self._stop.wait(0.01)
 
     def __exit__(self, *exc) -> None:
@@ -166,14 +166,16 @@ class Bench:
 
     def train_step(self, mode: str, x: torch.Tensor | None = None, c: torch.Tensor | None = None) -> None:
         """Forward, backward and optimiser step of the exact ``elbo`` objective. ``fast`` modes backpropagate
-        chunk by chunk as ``epure train`` does; ``straightforward`` and ``one graph`` build the whole step's graph
-        and call ``loss.backward()`` once (on the reference, or on the fast networks)."""
+        chunk by chunk as ``epure train`` does (``encoders kept``: without running the encoders twice);
+        ``straightforward`` and ``one graph`` build the whole step's graph and call ``loss.backward()`` once (on
+        the reference, or on the fast networks)."""
         x, c = (self.x, self.c) if x is None else (x, c)
         beta = self.cfg.model.beta
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast():
-            if mode.startswith("fast"):
-                objective_backward(self.model, x, c, "elbo", beta, 1)
+            if mode.startswith("fast"):  # the encoders run twice as at this bench's batch (also when counting)
+                recompute = mode != "fast, encoders kept" and len(self.x) > ENCODER_CHUNK_ROWS
+                objective_backward(self.model, x, c, "elbo", beta, 1, recompute_encoders=recompute)
             else:
                 forward_objective(self.path(mode == "one graph"), x, c, "elbo", beta, 1).loss.backward()
         self.optimizer.step()
@@ -208,7 +210,8 @@ def run_config(name: str, args: argparse.Namespace, device: torch.device, matmul
     cfg = load_config(name)
     batch = args.batch_size
     bench = Bench(cfg, batch, device)
-    modes: list[tuple[str, bool]] = [("straightforward", False), ("one graph", True), ("fast", True)]
+    modes: list[tuple[str, bool]] = [("straightforward", False), ("one graph", True), ("fast, encoders kept", True),
+                                     ("fast", True)]
     if args.bf16:
         if device.type != "cuda":
             console.print("[yellow]--bf16 is for CUDA only (this CPU has no native bf16); skipped")
@@ -253,7 +256,7 @@ def run_config(name: str, args: argparse.Namespace, device: torch.device, matmul
     sample_seconds: dict[str, dict[str, list[float]]] = {mode: {"generate": [], "inpaint": []} for mode, _ in modes}
     for repeat in range(args.sample_repeats + 1):  # interleaved like training; the first round warms up
         for mode, fast in modes:
-            if mode == "one graph":  # samples exactly as ``fast`` does: only its training differs
+            if mode in ("one graph", "fast, encoders kept"):  # they sample as ``fast`` does: only training differs
                 continue
             bench.set_mode(mode)
             gen, inp = timed(lambda: bench.generate(fast), device, 1), timed(lambda: bench.inpaint(fast), device, 1)
@@ -273,6 +276,55 @@ def run_config(name: str, args: argparse.Namespace, device: torch.device, matmul
         r.share_of_reference_limit = r.train_examples_per_s * reference.train_gflop_per_example / matmul
         r.speedup_vs_straightforward = r.train_examples_per_s / reference.train_examples_per_s
     return list(results.values())
+
+
+@dataclass
+class ComponentsRow:
+    """Training-step memory and arithmetic of a config cut to its first ``components`` components."""
+
+    components: int
+    train_gflop_per_example: float
+    step_memory_mib: dict[str, float]  # per mode: peak resident memory during the step, above the idle process
+
+
+def scan_components(name: str, args: argparse.Namespace, device: torch.device, console: Console) -> list[ComponentsRow]:
+    """How a step's memory grows with M, beside how its arithmetic does (one step per mode and M)."""
+    full = load_config(name)
+    rows = []
+    for m in range(2, len(full.data.components) + 1):
+        cfg = full.updated({"data.components": full.data.components[:m]})
+        bench = Bench(cfg, args.batch_size, device)
+        gflop = counted_gflop(lambda: bench.train_step("fast", bench.x[:FLOP_BATCH], bench.c[:FLOP_BATCH])) / FLOP_BATCH
+        memory = {}
+        for mode in ("one graph", "fast"):
+            console.log(f"{name}: {m} components, {mode}")
+            bench.train_step(mode)  # the optimiser's state exists from here on
+            release_freed_memory()
+            idle = resident_bytes()
+            with PeakMemory(device) as peak:
+                bench.train_step(mode)
+            memory[mode] = (peak.peak_bytes - (0 if device.type == "cuda" else idle)) / 2**20
+        rows.append(ComponentsRow(m, gflop, memory))
+    return rows
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def print_components_table(console: Console, name: str, rows: list[ComponentsRow]) -> None:
+    table = Table(title=f"{name} cut to its first M components: a training step's memory against its arithmetic "
+                        "(each relative to M = 2)")
+    for column in ("M", "GFLOP/ex", "x", "one graph MiB", "x", "fast MiB", "x"):
+        table.add_column(column, justify="right")
+    first = rows[0]
+    for r in rows:
+        table.add_row(str(r.components), f"{r.train_gflop_per_example:.2f}",
+                      f"{r.train_gflop_per_example / first.train_gflop_per_example:.2f}",
+                      *(f for mode in ("one graph", "fast") for f in
+                        (f"{r.step_memory_mib[mode]:.0f}", f"{r.step_memory_mib[mode] / first.step_memory_mib[mode]:.2f}")))
+    console.print(table)
 
 
 def nan_to_zero(value: float) -> float:
@@ -315,6 +367,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="also the fast path with torch.compile'd networks (compiling takes minutes on a CPU)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--scan-components", action="store_true",
+                        help="also: the first config cut to 2..M components, a step's memory against its arithmetic")
     parser.add_argument("--json", type=Path, default=Path("throughput.json"))
     args = parser.parse_args()
     if args.threads:
@@ -331,10 +385,14 @@ def main() -> None:
         r.share_of_reference_limit *= matmul_before / matmul
     where = machine(device)
     print_table(console, results, matmul, where)
+    scan = scan_components(args.configs[0], args, device, console) if args.scan_components else []
+    if scan:
+        print_components_table(console, args.configs[0], scan)
     atomic_write_json(args.json, {"machine": where, "torch": torch.__version__, "matmul_gflop_per_s": matmul,
                                   "matmul_gflop_per_s_start_end": [matmul_before, 2 * matmul - matmul_before],
                                   "args": {k: str(v) for k, v in vars(args).items()},
-                                  "results": [asdict(r) for r in results]})
+                                  "results": [asdict(r) for r in results],
+                                  "components_scan": [asdict(r) for r in scan]})
     console.print(f"wrote {args.json}")
 
 
