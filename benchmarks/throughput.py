@@ -36,7 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from epure.config import Config, load_config
 from epure.io import atomic_write_json
 from epure.model import MMVAEPlus, forward_objective
-from epure.model.mmvae import ENCODER_CHUNK_ROWS
+from epure.model.mmvae import chunk_rows
 from epure.model.generation import completion_probabilities, unconditional_probabilities
 from epure.model.backward import objective_backward
 from epure.model.reference import StraightforwardModel
@@ -174,7 +174,7 @@ class Bench:
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast():
             if mode.startswith("fast"):  # the encoders run twice as at this bench's batch (also when counting)
-                recompute = mode != "fast, encoders kept" and len(self.x) > ENCODER_CHUNK_ROWS
+                recompute = mode != "fast, encoders kept" and len(self.x) > chunk_rows(self.device)[0]
                 objective_backward(self.model, x, c, "elbo", beta, 1, recompute_encoders=recompute)
             else:
                 forward_objective(self.path(mode == "one graph"), x, c, "elbo", beta, 1).loss.backward()

@@ -38,22 +38,25 @@ from __future__ import annotations
 import torch
 
 from epure.model.likelihoods import log_likelihood
-from epure.model.mmvae import DECODER_CHUNK_ROWS, ENCODER_CHUNK_ROWS, MMVAEPlus, row_chunks
+from epure.model.mmvae import MMVAEPlus, chunk_rows, row_chunks
 from epure.model.objectives import (OBJECTIVES, Evaluation, LatentDraws, ObjectiveOutput, all_available,
                                     decoder_inputs, draw_latents)
 
 def objective_backward(model: MMVAEPlus, x: torch.Tensor, conditions: torch.Tensor, objective: str = "elbo",
                        beta: float = 1.0, k: int = 1, share: tuple[int, int] | None = None,
-                       available: torch.Tensor | None = None, decoder_rows: int = DECODER_CHUNK_ROWS,
-                       encoder_rows: int = ENCODER_CHUNK_ROWS, recompute_encoders: bool | None = None) -> ObjectiveOutput:
+                       available: torch.Tensor | None = None, decoder_rows: int | None = None,
+                       encoder_rows: int | None = None, recompute_encoders: bool | None = None) -> ObjectiveOutput:
     """``forward_objective`` and its backward: the parameters' ``.grad`` accumulate the loss's gradient; the
-    returned loss is detached. ``decoder_rows`` and ``encoder_rows`` bound the rows whose graph is held;
+    returned loss is detached. ``decoder_rows`` and ``encoder_rows`` bound the rows whose graph is held
+    (default: ``mmvae.chunk_rows`` of x's device);
     ``recompute_encoders``: run the encoders twice (steps 1 and 5) rather than keep their graph; by default
     when the batch is larger than one encoder chunk (a chunk's graph costs what keeping it costs)."""
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; registered: {', '.join(OBJECTIVES)}")
     available = all_available(x) if available is None else available
     b, m = x.shape[:2]
+    default_encoder_rows, default_decoder_rows = chunk_rows(x.device)
+    encoder_rows, decoder_rows = encoder_rows or default_encoder_rows, decoder_rows or default_decoder_rows
     cond_emb = model.cond(conditions)
     cond_free = cond_emb.detach()
     cond_grad = torch.zeros_like(cond_free)

@@ -31,11 +31,21 @@ from epure.model.latents import FAMILIES
 from epure.model.networks import ConditionMLP, Decoder, Encoder
 
 
-# The networks run on chunks of rows: a chunk's feature maps stay in the CPU's caches and its allocations are
-# reused, where a batch-wide 64x32 feature map (200 MB at the default config) is written to fresh memory;
+# The networks run on chunks of rows: on the CPU a chunk's feature maps stay in the caches and its allocations
+# are reused, where a batch-wide 64x32 feature map (200 MB at the default config) is written to fresh memory;
 # measured, docs/performance.md. Training holds one chunk's graph at a time (``backward``).
-ENCODER_CHUNK_ROWS = 32  # examples per encoder call
-DECODER_CHUNK_ROWS = 80  # (sample, example, source) rows per decoder call
+ENCODER_CHUNK_ROWS = 32  # CPU: examples per encoder call
+DECODER_CHUNK_ROWS = 80  # CPU: (sample, example, source) rows per decoder call
+# GPUs: not measured (none lent). Chunks this large keep a GPU's kernels as wide as before chunking (at batch 128
+# one decoder call per target, the encoders' graph kept) while training still holds one target's graph at a time.
+ACCELERATOR_CHUNK_ROWS = 4096
+
+
+def chunk_rows(device: torch.device) -> tuple[int, int]:
+    """(examples per encoder call, rows per decoder call) on ``device``."""
+    if device.type == "cpu":
+        return ENCODER_CHUNK_ROWS, DECODER_CHUNK_ROWS
+    return ACCELERATOR_CHUNK_ROWS, ACCELERATOR_CHUNK_ROWS
 
 
 @dataclass
@@ -90,7 +100,7 @@ class MMVAEPlus(nn.Module):
         [B, len(which), dim]."""
         which = list(range(self.num_components)) if which is None else which
         chunks = []
-        for rows in row_chunks(x.shape[0], ENCODER_CHUNK_ROWS):
+        for rows in row_chunks(x.shape[0], chunk_rows(x.device)[0]):
             outs = [self.encoders[m](x[rows, m: m + 1], cond_emb[rows]) for m in which]
             chunks.append([torch.stack(t, dim=1) for t in zip(*outs)])
         return [torch.cat(parts) for parts in zip(*chunks)]
@@ -103,7 +113,7 @@ class MMVAEPlus(nn.Module):
     def decode(self, u: torch.Tensor, cond_emb: torch.Tensor) -> torch.Tensor:
         """u [N, M, du] (one latent per target component), cond_emb [N, F] -> logits [N, M, H, W]."""
         return torch.cat([torch.stack([self.decoders[n](u[rows, n], cond_emb[rows]) for n in range(self.num_components)],
-                                      dim=1) for rows in row_chunks(u.shape[0], DECODER_CHUNK_ROWS)])
+                                      dim=1) for rows in row_chunks(u.shape[0], chunk_rows(u.device)[1])])
 
     def decode_pairs(self, u: torch.Tensor, cond_emb: torch.Tensor) -> torch.Tensor:
         """u [K, B, M_source, M_target, du], cond_emb [B, F] -> logits [K, B, M_source, M_target, H, W].
@@ -113,7 +123,7 @@ class MMVAEPlus(nn.Module):
         """
         k, b, m, _, _ = u.shape
         chunks = []
-        for rows in row_chunks(b, max(1, DECODER_CHUNK_ROWS // (k * m))):
+        for rows in row_chunks(b, max(1, chunk_rows(u.device)[1] // (k * m))):
             cond = cond_emb[None, rows, None]  # broadcasts over samples and sources
             chunks.append(torch.stack([self.decoders[n](u[:, rows, :, n], cond).view(k, -1, m, *self.image_size)
                                        for n in range(m)], dim=3))
