@@ -36,9 +36,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from epure.config import Config, load_config
 from epure.io import atomic_write_json
 from epure.model import MMVAEPlus, forward_objective
-from epure.model.mmvae import chunk_rows
-from epure.model.generation import completion_probabilities, unconditional_probabilities
 from epure.model.backward import objective_backward
+from epure.model.generation import completion_probabilities, unconditional_probabilities
+from epure.model.mmvae import chunk_rows
 from epure.model.reference import StraightforwardModel
 from epure.train import make_optimizer
 

@@ -4,8 +4,8 @@
 
 ``torchrun --nproc_per_node=N -m epure train ...`` sets RANK, WORLD_SIZE and LOCAL_RANK; every process
 then trains on its own share of each global batch (``train.batch_size`` examples per process), gradients
-are averaged over the processes (one all-reduce per step, ``average_gradients``), and only rank 0 writes checkpoints and talks to W&B. NCCL
-on GPUs, gloo on CPUs. A single process (no WORLD_SIZE) runs exactly as before.
+are averaged over the processes (one all-reduce per step, ``average_gradients``), and only rank 0 writes
+checkpoints and talks to W&B. NCCL on GPUs, gloo on CPUs. A single process (no WORLD_SIZE) runs exactly as before.
 """
 
 from __future__ import annotations

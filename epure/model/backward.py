@@ -37,10 +37,10 @@ from __future__ import annotations
 
 import torch
 
-from epure.model.likelihoods import log_likelihood
 from epure.model.mmvae import MMVAEPlus, chunk_rows, row_chunks
 from epure.model.objectives import (OBJECTIVES, Evaluation, LatentDraws, ObjectiveOutput, all_available,
-                                    decoder_inputs, draw_latents)
+                                    decoder_inputs, draw_latents, model_log_likelihood)
+
 
 def objective_backward(model: MMVAEPlus, x: torch.Tensor, conditions: torch.Tensor, objective: str = "elbo",
                        beta: float = 1.0, k: int = 1, share: tuple[int, int] | None = None,
@@ -131,10 +131,7 @@ def encoders_backward(model: MMVAEPlus, x: torch.Tensor, cond_emb: torch.Tensor,
 def target_log_likelihoods(model: MMVAEPlus, x: torch.Tensor, n: int, rows: slice, u: torch.Tensor,
                            cond_emb: torch.Tensor) -> torch.Tensor:
     """lpx [K, rows, M_source] of target n, from its decoder inputs u [K, rows, M_source, du]."""
-    k, _, m, _ = u.shape
-    logits = model.decoders[n](u, cond_emb[None, :, None]).view(k, -1, m, *model.image_size)
-    cfg = model.cfg
-    return log_likelihood(logits, x[None, rows, None, n], cfg.likelihood, cfg.likelihood_scale, cfg.foreground_weight)
+    return model_log_likelihood(model, model.decode_target(n, u, cond_emb), x[None, rows, None, n])
 
 
 def objective_lpx_gradient(model: MMVAEPlus, x, post, draws: LatentDraws, z_drawn, lpx: torch.Tensor, k: int,

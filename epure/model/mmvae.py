@@ -118,16 +118,18 @@ class MMVAEPlus(nn.Module):
     def decode_pairs(self, u: torch.Tensor, cond_emb: torch.Tensor) -> torch.Tensor:
         """u [K, B, M_source, M_target, du], cond_emb [B, F] -> logits [K, B, M_source, M_target, H, W].
 
-        One decoder call per target on all (sample, example, source) latents at once; the condition's share
-        of the first layer is computed once per example.
+        One decoder call per target on all (sample, example, source) latents of a chunk of examples at once; the
+        condition's share of the first layer is computed once per example.
         """
         k, b, m, _, _ = u.shape
-        chunks = []
-        for rows in row_chunks(b, max(1, chunk_rows(u.device)[1] // (k * m))):
-            cond = cond_emb[None, rows, None]  # broadcasts over samples and sources
-            chunks.append(torch.stack([self.decoders[n](u[:, rows, :, n], cond).view(k, -1, m, *self.image_size)
-                                       for n in range(m)], dim=3))
-        return torch.cat(chunks, dim=1)
+        rows_per_chunk = max(1, chunk_rows(u.device)[1] // (k * m))
+        return torch.cat([torch.stack([self.decode_target(n, u[:, rows, :, n], cond_emb[rows]) for n in range(m)],
+                                      dim=3) for rows in row_chunks(b, rows_per_chunk)], dim=1)
+
+    def decode_target(self, n: int, u: torch.Tensor, cond_emb: torch.Tensor) -> torch.Tensor:
+        """Target n's decoder on u [K, B, M_source, du], cond_emb [B, F] -> logits [K, B, M_source, H, W]."""
+        k, _, m, _ = u.shape
+        return self.decoders[n](u, cond_emb[None, :, None]).view(k, -1, m, *self.image_size)
 
 
 def row_chunks(rows: int, per_chunk: int) -> list[slice]:

@@ -120,11 +120,15 @@ def evaluate(model: MMVAEPlus, x: torch.Tensor, conditions: torch.Tensor, k: int
     z_drawn = draws.z
     # the log weights get a node of their own for z, so that DReG can reweight their path gradient alone
     draws = LatentDraws(draws.w, draws.z.clone(), draws.w_aux)
-    logits = model.decode_pairs(decoder_inputs(draws), cond_emb)
-    cfg = model.cfg
     # logits [K, B, M_src, M_tgt, H, W] against x [B, M_tgt, H, W]
-    lpx = log_likelihood(logits, x[None, :, None], cfg.likelihood, cfg.likelihood_scale, cfg.foreground_weight)
+    lpx = model_log_likelihood(model, model.decode_pairs(decoder_inputs(draws), cond_emb), x[None, :, None])
     return Evaluation(model, x, post, draws, z_drawn, lpx, k, all_available(x) if available is None else available)
+
+
+def model_log_likelihood(model: MMVAEPlus, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """log p(x | logits) summed over pixels, with the model's likelihood and its settings."""
+    cfg = model.cfg
+    return log_likelihood(logits, x, cfg.likelihood, cfg.likelihood_scale, cfg.foreground_weight)
 
 
 def draw_latents(model: MMVAEPlus, post: Posteriors, k: int, share: tuple[int, int] | None = None) -> LatentDraws:
