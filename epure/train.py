@@ -245,7 +245,7 @@ def read_metrics_csv(path: Path) -> list[dict[str, Any]]:
 
 def make_optimizer(model: nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
     """Adam (amsgrad per the config), fused: one kernel for all parameters instead of one per tensor (a step of
-    the default config's Adam 41 -> 15 ms on the CPU; docs/performance.md)."""
+    the default config's Adam 41 -> 15 ms on the CPU, a one-off measurement in docs/performance.md)."""
     return torch.optim.Adam(model.parameters(), lr=tc.lr, amsgrad=tc.amsgrad, fused=True)
 
 

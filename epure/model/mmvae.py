@@ -32,8 +32,8 @@ from epure.model.networks import ConditionMLP, Decoder, Encoder
 
 
 # The networks run on chunks of rows: on the CPU a chunk's feature maps stay in the caches and its allocations
-# are reused, where a batch-wide 64x32 feature map (200 MB at the default config) is written to fresh memory;
-# measured, docs/performance.md. Training holds one chunk's graph at a time (``backward``).
+# are reused, where a whole batch's 64x32 feature map (one decoder's at the default config and batch 128:
+# 210 MB) is written to fresh memory; measured, docs/performance.md. Training holds one chunk's graph at a time (``backward``).
 ENCODER_CHUNK_ROWS = 32  # CPU: examples per encoder call
 DECODER_CHUNK_ROWS = 80  # CPU: (sample, example, source) rows per decoder call
 # GPUs: not measured (none lent). Chunks this large keep a GPU's kernels as wide as before chunking (at batch 128
