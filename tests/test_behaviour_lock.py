@@ -9,14 +9,15 @@ re-records them in a commit of its own that says why:
 
     python tests/test_behaviour_lock.py --record
 
-Bitwise equality is asserted where the recording was made (same torch version and CPU instruction set:
-oneDNN picks its kernels by both); elsewhere the losses and weight norms must agree to 1e-4 relative.
+Bitwise equality is asserted where the recording was made (same torch version, CPU instruction set and CPU
+model: oneDNN picks its kernels by them); elsewhere the losses and weight norms must agree to 1e-4 relative.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -66,8 +67,24 @@ def digest(arrays: list[tuple[str, np.ndarray]]) -> str:
     return sha.hexdigest()
 
 
+def cpu_model() -> str:
+    """Vendor, family, model and stepping of the CPU: machines with the same torch and instruction set (e.g. two
+    AVX512 Xeons) still round differently, as oneDNN also picks kernels by the model."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        return platform.processor()
+    fields = {}
+    for line in cpuinfo.read_text().splitlines():
+        key, _, value = line.partition(":")
+        if not key.strip() and fields:  # the end of the first processor's block
+            break
+        fields.setdefault(key.strip(), value.strip())
+    return " ".join(fields.get(key, "?") for key in ("vendor_id", "cpu family", "model", "stepping"))
+
+
 def environment() -> dict[str, str]:
-    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_model": cpu_model()}
 
 
 def run_variant(name: str, folder: Path) -> dict[str, Any]:
