@@ -68,6 +68,10 @@ class ModelConfig:
     objective: str = "elbo"  # of epure.model.objectives: elbo | dreg (both the stratified bound for K > 1)
     beta: float = 2.5
     K: int = 1
+    # sources whose stratum each design's bound is estimated from per step: 0 = every available one (the paper's
+    # stratified estimator); s > 0: s of them drawn at random each step, an unbiased estimate of the same bound
+    # that decodes s of the M sources (a departure from the paper: docs/model.md)
+    strata_per_design: int = 0
     cross_prior: str = "prior"  # completion: unobserved components' private latents from p(w) (paper) or r_m(w) (aux)
     latent_sampler: str = "prior"  # unconditional designs' latents from the priors (paper) or the fitted prior
     fitted_prior_components: int = 1  # Gaussians in the fitted prior (fitted at every epoch's end; fitted_prior.py)
@@ -291,6 +295,9 @@ def validate(config: Config) -> None:
                        ("train.batch_size", t.batch_size), ("train.epochs", t.epochs), ("train.val_every", t.val_every)]:
         if value <= 0:
             raise ConfigError(f"config key '{key}' must be positive, got {value}")
+    if not 0 <= m.strata_per_design <= len(d.components):
+        raise ConfigError(f"config key 'model.strata_per_design' must be between 0 (every component) and the "
+                          f"number of components ({len(d.components)}), got {m.strata_per_design}")
     families, likelihoods, objectives, cross_priors, latent_samplers = model_registries()
     choices = {
         "model.priorposterior": (m.priorposterior, list(families)),

@@ -43,6 +43,7 @@ from epure.io import atomic_write_json, atomic_write_text, claim_dir
 from epure.model import MMVAEPlus, forward_objective
 from epure.model.backward import objective_backward
 from epure.model.fitted_prior import FittedPrior, fit_prior
+from epure.model.objectives import draw_strata
 from epure.tracking import NullTracker
 
 log = logging.getLogger(__name__)
@@ -506,8 +507,10 @@ def optimiser_step(session: Session, order: torch.Tensor) -> None:
     share = (ctx.rank * len(index), len(index) * ctx.world_size) if ctx.enabled else None
     state.optimizer.zero_grad(set_to_none=True)
     mc = session.cfg.model
+    available = session.train_a[index]
     out = objective_backward(state.model, session.train_x[index].float().div_(255), session.train_c[index],
-                             mc.objective, mc.beta, mc.K, share=share, available=session.train_a[index])
+                             mc.objective, mc.beta, mc.K, share=share, available=available,
+                             strata=draw_strata(available, mc.strata_per_design, share))
     distributed.average_gradients(ctx, state.model.parameters())
     # one reduction gives the total gradient norm, clipped to train.grad_clip when that is set
     grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), tc.grad_clip or math.inf).item()

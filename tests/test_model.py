@@ -14,7 +14,7 @@ from epure.model import MMVAEPlus, forward_objective, reference
 from epure.model.generation import completion_probabilities, unconditional_probabilities
 from epure.model.likelihoods import log_likelihood
 from epure.model.mmvae import Posteriors
-from epure.model.objectives import draw_latents
+from epure.model.objectives import draw_latents, draw_strata
 from epure.model.reference import StraightforwardModel
 
 from factories import tiny_config
@@ -189,6 +189,37 @@ def test_elbo_is_the_stratified_importance_weighted_bound(k: int) -> None:
     assert out.loss.item() == pytest.approx(-expected.item(), rel=1e-12)
     for got, want in zip(grads, expected_grads):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_random_strata_are_uniform_among_the_available_components() -> None:
+    """``draw_strata`` picks min(s, |A|) of a design's available components A, each equally often."""
+    available = torch.tensor([[True] * 5, [True, False, True, True, False], [False, True, False, False, False]])
+    torch.manual_seed(0)
+    counts = torch.zeros(3, 5)
+    for _ in range(4000):
+        strata = draw_strata(available, 2)
+        assert not (strata & ~available).any()
+        assert strata.sum(1).tolist() == [2, 2, 1]
+        counts += strata
+    share = counts / 4000
+    torch.testing.assert_close(share[0], torch.full((5,), 0.4), atol=0.03, rtol=0)
+    torch.testing.assert_close(share[1, [0, 2, 3]], torch.full((3,), 2 / 3), atol=0.03, rtol=0)
+    assert torch.equal(draw_strata(available, 0), available)  # 0: every available component
+    with pytest.raises(ConfigError, match="model.strata_per_design"):
+        config_from_dict({"model": {"strata_per_design": 6}})
+
+
+@pytest.mark.parametrize("objective,k", [("elbo", 1), ("dreg", 3)])
+def test_the_bound_is_the_mean_of_the_one_stratum_bounds(objective: str, k: int) -> None:
+    """With the same draws, the bound of every stratum is the mean of the bounds of each stratum alone, so a
+    uniformly drawn subset of strata (``model.strata_per_design``) estimates it without bias."""
+    model, x, c = small_float64_model()
+    bounds = []
+    for strata in [None, *torch.eye(3, dtype=torch.bool)[:, None]]:
+        torch.manual_seed(5)
+        bounds.append(forward_objective(model, x, c, objective, beta=2.5, k=k, strata=strata).bound.item())
+    assert bounds[0] == pytest.approx(sum(bounds[1:]) / 3, rel=1e-12)
+    assert len(set(bounds[1:])) == 3  # the strata differ, so the check above could fail
 
 
 def posterior_gradients(model: MMVAEPlus, x: torch.Tensor, c: torch.Tensor, objective: str, beta: float, k: int,

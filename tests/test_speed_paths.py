@@ -17,6 +17,7 @@ from epure.model import MMVAEPlus, forward_objective
 from epure.model.backward import objective_backward
 from epure.model.convolutions import MaskConv2d, PointwiseConv2d, UpsampleConv2d
 from epure.model.generation import completion_probabilities, unconditional_probabilities
+from epure.model.objectives import draw_strata
 from epure.model.reference import StraightforwardModel, conv
 
 from factories import tiny_config
@@ -59,14 +60,16 @@ def test_fast_and_straightforward_paths_agree(m: int, objective: str, k: int, fa
         assert p.grad is not None
 
 
+@pytest.mark.parametrize("strata_per_design", [0, 2])
 @pytest.mark.parametrize("recompute_encoders", [True, False])
 @pytest.mark.parametrize("objective,k", [("elbo", 1), ("dreg", 1), ("elbo", 2), ("dreg", 3)])
 @pytest.mark.parametrize("m", [3, 5])
-def test_chunked_backward_equals_the_one_graph_backward(m: int, objective: str, k: int,
-                                                        recompute_encoders: bool) -> None:
+def test_chunked_backward_equals_the_one_graph_backward(m: int, objective: str, k: int, recompute_encoders: bool,
+                                                        strata_per_design: int) -> None:
     """Training's backward, chunk by chunk, against ``forward_objective(...).loss.backward()``: loss, bound,
     logged terms and every parameter's gradient, with designs that lack components and chunks that split both
-    the examples and a target's sources. In float64, so that every parameter's gradient is checked on its own
+    the examples and a target's sources; with every available source a stratum, or 2 of them drawn (then the
+    chunked backward decodes those alone, the one graph decodes every pair). In float64, so that every parameter's gradient is checked on its own
     (in float32 a small one, like the auxiliary priors', differs by a relative 1e-5 from summation order)."""
     model = small_model(m, "Laplace").double()
     g = torch.Generator().manual_seed(10 + m)
@@ -74,11 +77,14 @@ def test_chunked_backward_equals_the_one_graph_backward(m: int, objective: str, 
     available = torch.ones(7, m, dtype=torch.bool)
     available[0, 1], available[3, [0, m - 1]], available[5, 2:] = False, False, False
     x = x * available[:, :, None, None]
-    one_graph = forward_objective_and_gradients(model, x, c, objective, k, available)
+    strata = draw_strata(available, strata_per_design)
+    if strata_per_design:
+        assert not torch.equal(strata, available)  # the case under test: some sources are not strata
+    one_graph = forward_objective_and_gradients(model, x, c, objective, k, available, strata)
     torch.manual_seed(7)
     model.zero_grad()
-    out = objective_backward(model, x, c, objective, 2.5, k, available=available, decoder_rows=2 * k * m + 1,
-                             encoder_rows=3, recompute_encoders=recompute_encoders)
+    out = objective_backward(model, x, c, objective, 2.5, k, available=available, strata=strata,
+                             decoder_rows=2 * k * m + 1, encoder_rows=3, recompute_encoders=recompute_encoders)
     assert not out.loss.requires_grad
     assert relative_error(out.loss, one_graph.loss) < FLOAT64_TOLERANCE
     assert relative_error(out.bound, one_graph.bound) < FLOAT64_TOLERANCE
@@ -88,10 +94,10 @@ def test_chunked_backward_equals_the_one_graph_backward(m: int, objective: str, 
         assert relative_error(p.grad, expected) < FLOAT64_TOLERANCE, name
 
 
-def forward_objective_and_gradients(model: MMVAEPlus, x, c, objective: str, k: int, available):
+def forward_objective_and_gradients(model: MMVAEPlus, x, c, objective: str, k: int, available, strata):
     torch.manual_seed(7)
     model.zero_grad()
-    out = forward_objective(model, x, c, objective, beta=2.5, k=k, available=available)
+    out = forward_objective(model, x, c, objective, beta=2.5, k=k, available=available, strata=strata)
     out.loss.backward()
     out.grads = [p.grad.clone() for p in model.parameters()]
     return out

@@ -36,7 +36,9 @@ design, the mixture runs over its available components only, 1/|A| sum_{j in A} 
 responsibilities of DReG); only available components are strata, and the bound averages over those; only
 available components are targets. A design's bound is then the complete-data bound of a model of its
 available components alone. Missing images are zeros and never reach the loss. (The MMVAE+ paper assumes
-complete data; see the README.)
+complete data; see the README.) Training may estimate each design's bound from a random subset of its
+available strata (``model.strata_per_design``, ``draw_strata``): the same bound in expectation, for a
+fraction of the decoders.
 
 An objective is a function of one ``Evaluation`` (the posteriors, the draws and every (source, target)
 log-likelihood of a batch) registered with ``@register_objective("name")``; config validation lists the
@@ -76,6 +78,7 @@ class Evaluation:
     lpx: torch.Tensor  # [K, B, M_source, M_target] log p(x_n | u_mn)
     k: int
     available: torch.Tensor  # bool [B, M]: which components each design has
+    strata: torch.Tensor  # bool [B, M]: the available sources whose strata the bound averages (``draw_strata``)
 
 
 @dataclass
@@ -99,21 +102,24 @@ def register_objective(name: str) -> Callable[[Objective], Objective]:
 
 def forward_objective(model: MMVAEPlus, x: torch.Tensor, conditions: torch.Tensor, objective: str = "elbo",
                       beta: float = 1.0, k: int = 1, share: tuple[int, int] | None = None,
-                      available: torch.Tensor | None = None) -> ObjectiveOutput:
+                      available: torch.Tensor | None = None, strata: torch.Tensor | None = None) -> ObjectiveOutput:
     """The registered ``objective`` on a batch x [B, M, H, W] in [0, 1] with normalised conditions [B, C].
 
     ``share``: see ``draw_latents`` (distributed training). ``available``: bool [B, M], which components each
-    design has (default: all); every design needs at least one. ``model`` may be the straightforward view of a
+    design has (default: all); every design needs at least one. ``strata``: bool [B, M], the sources each design's
+    bound averages (default: its available ones; see ``draw_strata``). ``model`` may be the straightforward view of a
     model (``reference.StraightforwardModel``): the same numbers, computed one (source, target) pair at a time.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; registered: {', '.join(OBJECTIVES)}")
-    return OBJECTIVES[objective](evaluate(model, x, conditions, k, share, available), beta)
+    return OBJECTIVES[objective](evaluate(model, x, conditions, k, share, available, strata), beta)
 
 
 def evaluate(model: MMVAEPlus, x: torch.Tensor, conditions: torch.Tensor, k: int,
-             share: tuple[int, int] | None = None, available: torch.Tensor | None = None) -> Evaluation:
-    """Encode, draw K samples per stratum, decode every (source, target) pair and score it."""
+             share: tuple[int, int] | None = None, available: torch.Tensor | None = None,
+             strata: torch.Tensor | None = None) -> Evaluation:
+    """Encode, draw K samples per stratum, decode every (source, target) pair and score it (also the pairs of
+    sources that are not strata: this is the one-graph reference; ``backward`` decodes the strata alone)."""
     cond_emb = model.cond(conditions)
     post = model.encode(x, cond_emb)
     draws = draw_latents(model, post, k, share)
@@ -122,7 +128,8 @@ def evaluate(model: MMVAEPlus, x: torch.Tensor, conditions: torch.Tensor, k: int
     draws = LatentDraws(draws.w, draws.z.clone(), draws.w_aux)
     # logits [K, B, M_src, M_tgt, H, W] against x [B, M_tgt, H, W]
     lpx = model_log_likelihood(model, model.decode_pairs(decoder_inputs(draws), cond_emb), x[None, :, None])
-    return Evaluation(model, x, post, draws, z_drawn, lpx, k, all_available(x) if available is None else available)
+    available = all_available(x) if available is None else available
+    return Evaluation(model, x, post, draws, z_drawn, lpx, k, available, available if strata is None else strata)
 
 
 def model_log_likelihood(model: MMVAEPlus, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -146,6 +153,24 @@ def draw_latents(model: MMVAEPlus, post: Posteriors, k: int, share: tuple[int, i
     z = post.z_loc + post.z_scale * family.noise((k, total, *post.z_loc.shape[1:]), device)[:, rows]
     w_aux = family.noise((k, total, m, m, dw), device)[:, rows] * model.aux_scale()  # scale of target n
     return LatentDraws(w, z, w_aux)
+
+
+def draw_strata(available: torch.Tensor, per_design: int, share: tuple[int, int] | None = None) -> torch.Tensor:
+    """bool [B, M]: ``per_design`` of each design's available components, uniformly at random (global RNG), as
+    the strata its bound averages this step; 0, or a design with no more available: all of them.
+
+    The bound is the mean over a design's available strata, so the mean over a uniform random subset of them
+    is an unbiased estimate of it; its gradient costs the decoders of ``per_design`` sources instead of all M
+    (``model.strata_per_design``; a departure from the paper, docs/model.md). ``share``: as ``draw_latents``.
+    """
+    b, m = available.shape
+    if per_design == 0 or per_design >= m:
+        return available
+    offset, total = share if share is not None else (0, b)
+    scores = torch.rand((total, m), device=available.device)[offset: offset + b]
+    scores = torch.where(available, scores, -1.0)  # never chosen before an available component
+    chosen = torch.zeros_like(available).scatter_(1, scores.topk(per_design, dim=1).indices, True)
+    return chosen & available
 
 
 def decoder_inputs(draws: LatentDraws) -> torch.Tensor:
@@ -174,9 +199,9 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, values, 0).sum() / mask.sum()
 
 
-def over_strata(values: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
-    """[B, M] per-stratum values -> [B], each design's mean over its available strata."""
-    return torch.where(available, values, 0).sum(-1) / available.sum(-1).to(values.dtype)
+def over_strata(values: torch.Tensor, strata: torch.Tensor) -> torch.Tensor:
+    """[B, M] per-stratum values -> [B], each design's mean over its strata (bool [B, M])."""
+    return torch.where(strata, values, 0).sum(-1) / strata.sum(-1).to(values.dtype)
 
 
 def log_weights(ev: Evaluation, beta: float, fixed_proposals: bool = False) -> tuple[torch.Tensor, dict]:
@@ -185,14 +210,14 @@ def log_weights(ev: Evaluation, beta: float, fixed_proposals: bool = False) -> t
     ``fixed_proposals`` (DReG): the parameters of the distribution each sample was drawn from (q(w_m | x_m) and
     the stratum's own expert q(z | x_m)) are held fixed, so no score term reaches them; the other experts of
     the mixture keep theirs, which enter the density at a point they did not draw (a plain dependence).
-    A design's missing components are neither experts of its mixture nor targets; their strata still get a
-    (meaningless) lw, which the bound leaves out.
+    A design's missing components are neither experts of its mixture nor targets; their strata, and those of
+    sources that are not strata this step, still get a (meaningless) lw, which the bound leaves out.
     """
     model, post, draws, lpx, available = ev.model, ev.post, ev.draws, ev.lpx, ev.available
     family, m = model.family, model.num_components
     eye = torch.eye(m, dtype=torch.bool, device=lpx.device)
     targets = available[None, :, None, :]  # [1, B, 1, M_tgt]: also the experts j of each mixture
-    strata = available[None]  # [1, B, M_src]
+    strata = ev.strata[None]  # [1, B, M_src]
     zero, one = model.prior_loc, model.prior_scale
     lpz = family.log_density(draws.z, zero, one).sum(-1)  # [K, B, M]
     lpw = family.log_density(draws.w, zero, one).sum(-1)
@@ -220,7 +245,7 @@ def log_weights(ev: Evaluation, beta: float, fixed_proposals: bool = False) -> t
 def stratified_bound(lw: torch.Tensor, ev: Evaluation) -> torch.Tensor:
     """[B]: the log-mean-exp of lw [K, B, M] over the K samples of each stratum, averaged over each design's
     available strata."""
-    return over_strata(torch.logsumexp(lw, 0) - math.log(ev.k), ev.available)
+    return over_strata(torch.logsumexp(lw, 0) - math.log(ev.k), ev.strata)
 
 
 @register_objective("elbo")
@@ -249,5 +274,5 @@ def dreg(ev: Evaluation, beta: float) -> ObjectiveOutput:
         ev.draws.z.register_hook(lambda g: g * z_path)
     # gradients: sum_k w~_k d lw_k (decoders, r(w), the other experts) with the paths reweighted, and the
     # responsibility's own path; its value is the bound's
-    surrogate = over_strata((weights * (lw - beta * own)).sum(0), ev.available)  # [B]
+    surrogate = over_strata((weights * (lw - beta * own)).sum(0), ev.strata)  # [B]
     return ObjectiveOutput(-(bound.detach() + surrogate - surrogate.detach()).mean(), bound.mean().detach(), terms)
