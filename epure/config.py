@@ -268,7 +268,14 @@ def model_registries() -> tuple[dict, dict, dict, tuple[str, ...], tuple[str, ..
 
 def validate(config: Config) -> None:
     """Cross-field checks, once, before anything runs."""
-    d, m, t, w = config.data, config.model, config.train, config.wandb
+    validate_data(config.data)
+    validate_model(config.model, config.data)
+    validate_choices(config)
+    validate_train(config.train)
+
+
+def validate_data(d: DataConfig) -> None:
+    """The data section on its own: components, mask size, file names, split."""
     if len(d.components) < 2:
         raise ConfigError(f"data.components needs at least 2 components, got {d.components}")
     if len(set(d.components)) != len(d.components):
@@ -280,6 +287,10 @@ def validate(config: Config) -> None:
     if not 0.0 < d.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction must be in (0, 1): validation needs designs of its own, "
                           f"got {d.val_fraction}")
+
+
+def validate_model(m: ModelConfig, d: DataConfig) -> None:
+    """Latent sizes, counts and weights of the model section, against the data it will see."""
     if m.latent_dim_u != m.latent_dim_w + m.latent_dim_z:
         raise ConfigError(
             f"model.latent_dim_u ({m.latent_dim_u}) must equal model.latent_dim_w + model.latent_dim_z "
@@ -291,13 +302,21 @@ def validate(config: Config) -> None:
         )
     for key, value in [("model.latent_dim_w", m.latent_dim_w), ("model.latent_dim_z", m.latent_dim_z),
                        ("model.nf", m.nf), ("model.nf_max", m.nf_max), ("model.K", m.K),
-                       ("model.fitted_prior_components", m.fitted_prior_components),
-                       ("train.batch_size", t.batch_size), ("train.epochs", t.epochs), ("train.val_every", t.val_every)]:
+                       ("model.fitted_prior_components", m.fitted_prior_components)]:
         if value <= 0:
             raise ConfigError(f"config key '{key}' must be positive, got {value}")
     if not 0 <= m.strata_per_design <= len(d.components):
         raise ConfigError(f"config key 'model.strata_per_design' must be between 0 (every component) and the "
                           f"number of components ({len(d.components)}), got {m.strata_per_design}")
+    if m.foreground_weight <= 0:
+        raise ConfigError(f"model.foreground_weight must be positive, got {m.foreground_weight}")
+    if m.beta < 0:
+        raise ConfigError(f"model.beta must be >= 0, got {m.beta}")
+
+
+def validate_choices(config: Config) -> None:
+    """Every key that names one of a fixed set of choices, and what depends on the choice."""
+    d, m, t, w = config.data, config.model, config.train, config.wandb
     families, likelihoods, objectives, cross_priors, latent_samplers = model_registries()
     choices = {
         "model.priorposterior": (m.priorposterior, list(families)),
@@ -317,14 +336,19 @@ def validate(config: Config) -> None:
     if w.register is not None and not REGISTRY_COLLECTION.fullmatch(w.register):
         raise ConfigError(f"wandb.register must be a W&B Registry collection name (letters, digits, '-', '_', '.'), "
                           f"or wandb-registry-REGISTRY/NAME, got {w.register!r}")
-    if m.foreground_weight <= 0:
-        raise ConfigError(f"model.foreground_weight must be positive, got {m.foreground_weight}")
     if m.foreground_weight != 1.0 and not likelihoods[m.likelihood].foreground_weight:
         weighted = [name for name, likelihood in likelihoods.items() if likelihood.foreground_weight]
         raise ConfigError(f"model.foreground_weight applies to the {' and '.join(weighted)} likelihood only; it is "
                           f"{m.foreground_weight} with model.likelihood {m.likelihood!r}")
-    if m.beta < 0 or t.lr <= 0:
-        raise ConfigError(f"model.beta must be >= 0 and train.lr > 0, got beta={m.beta}, lr={t.lr}")
+
+
+def validate_train(t: TrainConfig) -> None:
+    """Step counts, learning rate and its schedule, clipping."""
+    for key, value in [("train.batch_size", t.batch_size), ("train.epochs", t.epochs), ("train.val_every", t.val_every)]:
+        if value <= 0:
+            raise ConfigError(f"config key '{key}' must be positive, got {value}")
+    if t.lr <= 0:
+        raise ConfigError(f"train.lr must be > 0, got {t.lr}")
     if t.grad_clip < 0:
         raise ConfigError(f"train.grad_clip must be >= 0 (0: no clipping), got {t.grad_clip}")
     if not 0.0 <= t.lr_final_fraction <= 1.0:
