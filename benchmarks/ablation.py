@@ -21,12 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from rich.console import Console
 from rich.table import Table
 
 from epure.checkpoint import load_model
-from epure.config import load_config
+from epure.config import load_config, parse_overrides
 from epure.data import load_data
 from epure.evaluate import EvaluationOptions, diversity_scores, evaluate, training_split
 from epure.io import atomic_write_json
@@ -43,11 +42,7 @@ HEADLINE = ["cross_iou", "self_iou", "uncond/union_one_piece", "uncond/all_one_p
 def parse_variants(raw: list[list[str]]) -> dict[str, dict]:
     variants = {}
     for name, *pairs in raw:
-        overrides = {}
-        for pair in pairs:
-            key, _, value = pair.partition("=")
-            overrides[key] = yaml.safe_load(value)
-        variants[name] = overrides
+        variants[name] = parse_overrides(pairs, option=f"--variant {name}")
     return variants
 
 
@@ -105,12 +100,13 @@ def main() -> None:
     if not args.variant and not args.run:
         parser.error("give at least one --variant or --run")
     results = {}
-    jobs = [(name, overrides, None) for name, overrides in parse_variants(args.variant).items()]
-    jobs += [(name, {}, Path(run_dir)) for name, run_dir in args.run]
-    for name, overrides, run_dir in jobs:
+    # every variant's config is built (and validated) before the first one trains
+    variants = parse_variants(args.variant)
+    jobs = [(name, overrides, base.updated(overrides), None) for name, overrides in variants.items()]
+    jobs += [(name, {}, None, Path(run_dir)) for name, run_dir in args.run]
+    for name, overrides, cfg, run_dir in jobs:
         minutes = None
         if run_dir is None:
-            cfg = base.updated(overrides)
             start = time.perf_counter()
             run_dir = train(cfg, data=load_data(cfg.data)).run_dir
             minutes = round((time.perf_counter() - start) / 60, 2)

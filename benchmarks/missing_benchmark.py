@@ -25,12 +25,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from rich.console import Console
 from rich.table import Table
 
 from epure.checkpoint import load_model
-from epure.config import load_config
+from epure.config import load_config, parse_overrides
 from epure.data import ConditionNormalizer, DataBundle, Split, load_data
 from epure.evaluate import EvaluationOptions, evaluate
 from epure.io import atomic_write_text
@@ -80,7 +79,7 @@ def main() -> None:
     cfg = load_config(args.config).updated({
         "data.missing": "allow", "train.max_steps": args.max_steps, "train.max_minutes": 0.0,
         "train.epochs": 100_000, "train.output_dir": args.output_dir, "wandb.mode": "off",
-        **{key: yaml.safe_load(value) for key, _, value in (pair.partition("=") for pair in args.set)}})
+        **parse_overrides(args.set)})
     data = load_data(cfg.data)
     incomplete = drop_one_component(data.train, args.share, args.seed)
     arms = {"a": arm_bundle(data, incomplete),

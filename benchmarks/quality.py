@@ -15,11 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from rich.table import Table
 
 from epure.checkpoint import load_model
-from epure.config import Config, load_config
+from epure.config import Config, load_config, parse_overrides
 from epure.data import DataBundle, Split, load_data, load_split, resolve_root
 from epure.evaluate import EvaluationOptions, evaluate, training_split
 from epure.metrics import binarize, iou
@@ -46,17 +45,6 @@ class Row:
         if self.goal is None or self.value is None or not np.isfinite(self.value):
             return None
         return self.value <= self.goal if self.lower_is_better else self.value >= self.goal
-
-
-def parse_overrides(pairs: list[str]) -> dict:
-    """``KEY=VALUE`` strings -> config overrides (values parsed as YAML)."""
-    overrides = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--set {pair!r}: expected KEY=VALUE, e.g. model.beta=1.0")
-        overrides[key] = yaml.safe_load(value)
-    return overrides
 
 
 def arguments(doc: str, config: str, output_dir: str, eval_limit: int) -> argparse.ArgumentParser:
