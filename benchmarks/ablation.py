@@ -32,6 +32,7 @@ from epure.io import atomic_write_json
 from epure.metrics import binarize
 from epure.model.fitted_prior import design_latents, fit_prior
 from epure.model.generation import latent_probabilities
+from epure.numerics import flush_denormals_to_zero
 from epure.train import train
 
 HEADLINE = ["cross_iou", "self_iou", "uncond/union_one_piece", "uncond/all_one_piece", "dims/width_mae",
@@ -74,6 +75,7 @@ def reconstruction_scores(loaded, test, limit: int, seed: int = 0) -> dict[str, 
 
 
 def main() -> None:
+    flush_denormals_to_zero()  # as the CLI does, before any torch work
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="small")
     parser.add_argument("--max-steps", type=int, default=0)
