@@ -4,7 +4,7 @@
 
 Why: on one machine (2026-12-03) an epoch of `epure train` grew from 48 s to 68 s as the run converged. A
 trained model's decoders give extreme logits whose gradients fall below float32's smallest normal number,
-and many CPUs compute on such denormals far slower than on normal numbers; the CLI therefore flushes them
+and CPUs can compute on such denormals far slower than on normal numbers; the CLI therefore flushes them
 to zero (`epure/numerics.py`). Flush-to-zero must be on before torch creates its worker threads, so each
 measurement is its own process; the four settings run interleaved, ``--repeats`` times, and the table
 shows each setting's median against "trained, denormals kept" of the same run.

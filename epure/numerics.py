@@ -1,10 +1,10 @@
 """CPU floating-point mode for the process: denormal numbers flushed to zero.
 
 As a model converges its decoders push many Bernoulli logits far from zero, and the backward pass then
-carries values below float32's smallest normal number (1.2e-38). Many x86 CPUs compute on such denormals
-far slower than on normal numbers: on one machine here an epoch of `epure train` grew from 48 s to 68 s as
-the run converged, and flushing made a trained model's steps 1.15x faster; on another it made no
-difference (`benchmarks/denormals.py`, docs/performance.md). Flushing changes only values below 1.2e-38,
+carries values below float32's smallest normal number (1.2e-38), which CPUs can compute on far slower than
+on normal numbers: on the 2026-12-03 machine an epoch of `epure train` grew from 48 s to 68 s as the run
+converged, and flushing made a trained model's steps 1.15x faster (a one-off script); on 2026-12-04's
+`benchmarks/denormals.py` measured no difference (docs/performance.md). Flushing changes only values below 1.2e-38,
 which no loss, gradient or metric here resolves. A script that calls the library starts with:
 
     >>> from epure.numerics import flush_denormals_to_zero
