@@ -37,7 +37,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from numpy.core.multiarray import _reconstruct
+try:
+    from numpy.core.multiarray import _reconstruct
+except ImportError:  # a numpy without the numpy.core alias (GPU images carry numpy 2)
+    from numpy._core.multiarray import _reconstruct
 
 from epure.config import Config, config_from_dict
 from epure.data.dataset import ConditionNormalizer

@@ -59,6 +59,8 @@ class ModelConfig:
     latent_dim_u: int = 32
     nf: int = 40
     nf_max: int = 128
+    decoder_nf: int = 0  # the decoders' widths (0: nf, nf_max): they decide each pixel, the encoders only summarise
+    decoder_nf_max: int = 0
     cond_dim: int = 2
     cond_hidden: list[int] = field(default_factory=lambda: [128, 256])
     priorposterior: str = "Laplace"  # a latent family of epure.model.latents: Laplace | Normal
@@ -89,6 +91,8 @@ class TrainConfig:
     amsgrad: bool = True
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | mps
+    precision: str = "auto"  # auto | fp32 | bf16 (CUDA only); auto: what measured fastest (epure.acceleration)
+    compile: str = "auto"  # auto | on | off: torch.compile the networks; auto: as measured (epure.acceleration)
     val_every: int = 1  # epochs between validations
     checkpoint_every_steps: int = 0  # 0: only at epoch ends
     checkpoint_every_minutes: float = 10.0
@@ -143,6 +147,8 @@ def dotted_keys() -> list[str]:
 
 _SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "wandb": WandbConfig}
 _EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # 3e-4: a string to YAML 1.1
+# Keys whose choices YAML 1.1 reads as booleans (``compile: on`` is True): the words they stand for.
+_BOOLEAN_WORDS = {"train.compile": {True: "on", False: "off"}}
 
 
 def key_type(dotted: str) -> Any:
@@ -247,6 +253,8 @@ def config_from_dict(tree: dict[str, Any] | None) -> Config:
                 raise ConfigError(
                     f"unknown config key '{name}.{key}'{_suggest(f'{name}.{key}', [f'{name}.{v}' for v in valid])}"
                 )
+            if isinstance(value, bool) and f"{name}.{key}" in _BOOLEAN_WORDS:
+                value = _BOOLEAN_WORDS[f"{name}.{key}"][value]
             kwargs[key] = _coerce(value, hints[key], f"{name}.{key}")
         sections[name] = cls(**kwargs)
     config = Config(**sections)
@@ -305,6 +313,9 @@ def validate_model(m: ModelConfig, d: DataConfig) -> None:
                        ("model.fitted_prior_components", m.fitted_prior_components)]:
         if value <= 0:
             raise ConfigError(f"config key '{key}' must be positive, got {value}")
+    for key, value in [("model.decoder_nf", m.decoder_nf), ("model.decoder_nf_max", m.decoder_nf_max)]:
+        if value < 0:
+            raise ConfigError(f"config key '{key}' must be positive, or 0 for the encoders' width, got {value}")
     if not 0 <= m.strata_per_design <= len(d.components):
         raise ConfigError(f"config key 'model.strata_per_design' must be between 0 (every component) and the "
                           f"number of components ({len(d.components)}), got {m.strata_per_design}")
@@ -326,6 +337,8 @@ def validate_choices(config: Config) -> None:
         "model.cross_prior": (m.cross_prior, list(cross_priors)),
         "model.latent_sampler": (m.latent_sampler, list(latent_samplers)),
         "train.device": (t.device, ["auto", "cpu", "cuda", "mps"]),
+        "train.precision": (t.precision, ["auto", "fp32", "bf16"]),
+        "train.compile": (t.compile, ["auto", "on", "off"]),
         "train.lr_schedule": (t.lr_schedule, ["constant", "cosine"]),
         "wandb.mode": (w.mode, ["auto", "online", "offline", "off"]),
         "wandb.log_dataset": (w.log_dataset, ["reference", "upload", "off"]),

@@ -35,6 +35,7 @@ from torch import nn
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from epure import distributed
+from epure.acceleration import autocast, compile_networks, resolve_compile, resolve_precision
 from epure.checkpoint import (CheckpointError, LoadedModel, git_commit, numpy_rng_state, read_run_checkpoint,
                               save_checkpoint, set_aside_damaged, set_numpy_rng_state)
 from epure.config import Config, TrainConfig, config_from_dict, save_config
@@ -342,6 +343,7 @@ class Session:
     start_progress: float  # the budget a resumed run had spent
     stop: StopFlag = field(default_factory=StopFlag)
     status: Status = Status.RUNNING
+    precision: str = "fp32"  # of the training steps' networks (train.precision resolved on this device)
     progress: Progress | None = None
     skipped: int = 0  # non-finite steps skipped in all
     nonfinite_run: int = 0  # ... in a row, up to now
@@ -414,7 +416,10 @@ def set_up(cfg: Config, resume: str | Path | None, data: DataBundle | None, trac
             data = load_data(cfg.data)
     data_changes = [] if checkpoint is None else data_changes_on_resume(resume_path, checkpoint, data,
                                                                         allow_data_change)
+    precision = resolve_precision(tc.precision, device)
     model = MMVAEPlus(cfg.model, cfg.data.components, cfg.data.image_size).to(device)
+    if resolve_compile(tc.compile, device):
+        compile_networks([*model.encoders, *model.decoders])
     state = TrainState(model, make_optimizer(model, tc), cfg,
                        data.normalizer, data.fingerprint, torch.tensor(data.train.conditions, dtype=torch.float32),
                        git_commit(), data_changes)
@@ -423,17 +428,20 @@ def set_up(cfg: Config, resume: str | Path | None, data: DataBundle | None, trac
     tracker.use_dataset(data, cfg.data)
     tracker.log_config({"data_availability": {name: getattr(data, name).availability()
                                               for name in ("train", "val", "test")}})
-    return session_on_device(state, ctx, device, run_dir, data, tracker, history)
+    session = session_on_device(state, ctx, device, run_dir, data, tracker, history)
+    session.precision = precision
+    return session
 
 
 def resumed_config(path: Path, checkpoint: dict[str, Any], cfg: Config) -> Config:
-    """The run's own config, with this call's budget and device."""
+    """The run's own config, with this call's budget, device, precision and compilation."""
     if "optimizer" not in checkpoint or "rng" not in checkpoint:
         raise CheckpointError(f"{path}: holds weights only (no optimiser and RNG state); it can be "
                               "sampled from but not resumed")
     stored = config_from_dict(checkpoint["config"])
     stored.train.epochs, stored.train.max_steps = cfg.train.epochs, cfg.train.max_steps
     stored.train.max_minutes, stored.train.device = cfg.train.max_minutes, cfg.train.device
+    stored.train.precision, stored.train.compile = cfg.train.precision, cfg.train.compile  # how, not what
     return stored
 
 
@@ -508,9 +516,10 @@ def optimiser_step(session: Session, order: torch.Tensor) -> None:
     state.optimizer.zero_grad(set_to_none=True)
     mc = session.cfg.model
     available = session.train_a[index]
-    out = objective_backward(state.model, session.train_x[index].float().div_(255), session.train_c[index],
-                             mc.objective, mc.beta, mc.K, share=share, available=available,
-                             strata=draw_strata(available, mc.strata_per_design, share))
+    with autocast(session.train_x.device, session.precision):
+        out = objective_backward(state.model, session.train_x[index].float().div_(255), session.train_c[index],
+                                 mc.objective, mc.beta, mc.K, share=share, available=available,
+                                 strata=draw_strata(available, mc.strata_per_design, share))
     distributed.average_gradients(ctx, state.model.parameters())
     # one reduction gives the total gradient norm, clipped to train.grad_clip when that is set
     grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), tc.grad_clip or math.inf).item()

@@ -71,6 +71,17 @@ def test_foreground_weight_moves_the_optimum_to_the_weighted_odds() -> None:
         assert torch.sigmoid(logit).item() == pytest.approx(expected, abs=1e-3)
 
 
+def test_decoders_take_their_own_width() -> None:
+    model = make_model(3, decoder_nf=12, decoder_nf_max=24)
+    assert model.encoders[0].w_tower.stem.out_channels == 8 and model.decoders[0].out.in_channels == 12
+    assert model.decoders[0].base_shape[0] == 24
+    assert make_model(3).decoders[0].out.in_channels == 8  # 0: the encoders' width
+    x, c = batch(3)
+    assert torch.isfinite(forward_objective(model, x, c, "elbo", 1.0, 1).loss)
+    with pytest.raises(ConfigError, match="model.decoder_nf' must be positive, or 0"):
+        config_from_dict({"model": {"decoder_nf": -1}})
+
+
 def test_foreground_weight_is_checked() -> None:
     with pytest.raises(ConfigError, match="model.foreground_weight must be positive"):
         config_from_dict({"model": {"foreground_weight": 0.0}})

@@ -28,7 +28,7 @@ from torch import nn
 
 from epure.config import ModelConfig
 from epure.model.latents import FAMILIES
-from epure.model.networks import ConditionMLP, Decoder, Encoder
+from epure.model.networks import ConditionMLP, Decoder, Encoder, at_least_float32
 
 
 # The networks run on chunks of rows: on the CPU a chunk's feature maps stay in the caches and its allocations
@@ -72,7 +72,8 @@ class MMVAEPlus(nn.Module):
         features = self.cond.out_features
         self.encoders = nn.ModuleList([Encoder(self.image_size, cfg.nf, cfg.nf_max, features, cfg.latent_dim_w,
                                                cfg.latent_dim_z) for _ in components])
-        self.decoders = nn.ModuleList([Decoder(self.image_size, cfg.nf, cfg.nf_max, features, cfg.latent_dim_u)
+        decoder_nf, decoder_nf_max = cfg.decoder_nf or cfg.nf, cfg.decoder_nf_max or cfg.nf_max
+        self.decoders = nn.ModuleList([Decoder(self.image_size, decoder_nf, decoder_nf_max, features, cfg.latent_dim_u)
                                        for _ in components])
         # Fixed standard priors p(w), p(z).
         self.register_buffer("prior_loc", torch.zeros(1))
@@ -97,13 +98,13 @@ class MMVAEPlus(nn.Module):
     def encoder_outputs(self, x: torch.Tensor, cond_emb: torch.Tensor,
                         which: list[int] | None = None) -> list[torch.Tensor]:
         """The encoders of ``which`` on x [B, M, H, W]: [w_loc, w_raw_scale, z_loc, z_raw_scale], each
-        [B, len(which), dim]."""
+        [B, len(which), dim], in float32 also when the encoders ran in bf16 (the latents' densities need it)."""
         which = list(range(self.num_components)) if which is None else which
         chunks = []
         for rows in row_chunks(x.shape[0], chunk_rows(x.device)[0]):
             outs = [self.encoders[m](x[rows, m: m + 1], cond_emb[rows]) for m in which]
             chunks.append([torch.stack(t, dim=1) for t in zip(*outs)])
-        return [torch.cat(parts) for parts in zip(*chunks)]
+        return [at_least_float32(torch.cat(parts)) for parts in zip(*chunks)]
 
     def posteriors(self, w_loc: torch.Tensor, w_raw: torch.Tensor, z_loc: torch.Tensor,
                    z_raw: torch.Tensor) -> Posteriors:

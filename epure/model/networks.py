@@ -24,6 +24,12 @@ from epure.model.convolutions import MaskConv2d, PointwiseConv2d, UpsampleConv2d
 DOWNSAMPLINGS = 3
 
 
+def at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """A network's output out of bf16 autocast (``train.precision: bf16``) back to float32; float32 and float64
+    pass unchanged. The latents' densities and the likelihoods' sums over 2,048 pixels need float32's digits."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
 def stage_channels(nf: int, nf_max: int) -> list[int]:
     """Channels after the stem and after each downsampling: nf, 2nf, 4nf, 8nf, each capped at nf_max."""
     return [min(nf * 2**i, nf_max) for i in range(DOWNSAMPLINGS + 1)]
@@ -125,4 +131,5 @@ class ConditionMLP(nn.Module):
         self.out_features = width
 
     def forward(self, c: torch.Tensor) -> torch.Tensor:
-        return self.net(c)
+        """In float32 also under bf16 autocast: the embedding's gradient sums every encoder's and decoder's."""
+        return at_least_float32(self.net(c))

@@ -55,6 +55,7 @@ import torch
 
 from epure.model.likelihoods import log_likelihood
 from epure.model.mmvae import MMVAEPlus, Posteriors
+from epure.model.networks import at_least_float32
 
 
 @dataclass
@@ -133,9 +134,10 @@ def evaluate(model: MMVAEPlus, x: torch.Tensor, conditions: torch.Tensor, k: int
 
 
 def model_log_likelihood(model: MMVAEPlus, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """log p(x | logits) summed over pixels, with the model's likelihood and its settings."""
+    """log p(x | logits) summed over pixels, with the model's likelihood and its settings; in float32 also when
+    the decoders ran in bf16 (``train.precision``): the sum over 2,048 pixels needs float32's digits."""
     cfg = model.cfg
-    return log_likelihood(logits, x, cfg.likelihood, cfg.likelihood_scale, cfg.foreground_weight)
+    return log_likelihood(at_least_float32(logits), x, cfg.likelihood, cfg.likelihood_scale, cfg.foreground_weight)
 
 
 def draw_latents(model: MMVAEPlus, post: Posteriors, k: int, share: tuple[int, int] | None = None) -> LatentDraws:

@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from epure.model.mmvae import MMVAEPlus, Posteriors
-from epure.model.networks import Decoder, EncoderTower, ResBlock
+from epure.model.networks import Decoder, EncoderTower, ResBlock, at_least_float32
 
 
 class StraightforwardModel:
@@ -42,7 +42,7 @@ class StraightforwardModel:
             encoder = self.model.encoders[m]
             outs.append((*tower(encoder.w_tower, x[:, m: m + 1], cond_emb),
                          *tower(encoder.z_tower, x[:, m: m + 1], cond_emb)))
-        w_loc, w_raw, z_loc, z_raw = (torch.stack(t, dim=1) for t in zip(*outs))
+        w_loc, w_raw, z_loc, z_raw = (at_least_float32(torch.stack(t, dim=1)) for t in zip(*outs))
         family = self.model.family
         return Posteriors(w_loc, family.scale(w_raw), z_loc, family.scale(z_raw))
 
