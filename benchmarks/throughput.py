@@ -42,7 +42,7 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode
 
-from epure.config import Config, load_config
+from epure.config import Config, load_config, parse_overrides
 from epure.io import atomic_write_json
 from epure.model import MMVAEPlus, forward_objective
 from epure.model.backward import objective_backward
@@ -257,7 +257,7 @@ def timed(fn: Callable[[], None], device: torch.device, repeats: int) -> list[fl
 def run_config(name: str, args: argparse.Namespace, device: torch.device, matmul: float,
                console: Console, batch: int | str) -> list[ModeResult]:
     """Every mode of one config at one batch size (``"max"``: each mode at its own largest batch)."""
-    cfg = load_config(name)
+    cfg = load_config(name).updated(args.overrides)
     modes = modes_to_run(args, device, console)
     bench = Bench(cfg, 128 if batch == "max" else batch, device)
     state = {k: v.clone() for k, v in bench.model.state_dict().items()}
@@ -390,7 +390,7 @@ class ComponentsRow:
 
 def scan_components(name: str, args: argparse.Namespace, device: torch.device, console: Console) -> list[ComponentsRow]:
     """How a step's memory grows with M, beside how its arithmetic does (one step per mode and M)."""
-    full = load_config(name)
+    full = load_config(name).updated(args.overrides)
     rows = []
     for m in range(2, len(full.data.components) + 1):
         cfg = full.updated({"data.components": full.data.components[:m]})
@@ -484,8 +484,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--scan-components", action="store_true",
                         help="also: the first config cut to 2..M components, a step's memory against its arithmetic")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="config keys set on every config, as `epure train --set` (e.g. model.nf=16)")
     parser.add_argument("--json", type=Path, default=Path("throughput.json"))
     args = parser.parse_args()
+    args.overrides = parse_overrides(args.set)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
