@@ -48,6 +48,7 @@ from epure.model import MMVAEPlus, forward_objective
 from epure.model.backward import objective_backward
 from epure.model.generation import completion_probabilities, unconditional_probabilities
 from epure.model.mmvae import chunk_rows
+from epure.model.objectives import draw_strata
 from epure.model.reference import StraightforwardModel
 from epure.train import make_optimizer
 
@@ -183,8 +184,9 @@ class Bench:
     def autocast(self) -> AbstractContextManager:
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else nullcontext()
 
-    def reference_loss(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        return forward_objective(StraightforwardModel(self.model), x, c, "elbo", self.cfg.model.beta, 1).loss
+    def reference_loss(self, x: torch.Tensor, c: torch.Tensor, strata: torch.Tensor) -> torch.Tensor:
+        return forward_objective(StraightforwardModel(self.model), x, c, "elbo", self.cfg.model.beta, 1,
+                                 strata=strata).loss
 
     def train_step(self, mode: str, x: torch.Tensor | None = None, c: torch.Tensor | None = None) -> None:
         """Forward, backward and optimiser step of the exact ``elbo`` objective. ``fast`` modes backpropagate
@@ -193,18 +195,22 @@ class Bench:
         the reference, or on the fast networks); ``straightforward+compile`` compiles that whole loss."""
         x, c = (self.x, self.c) if x is None else (x, c)
         beta, base = self.cfg.model.beta, base_mode(mode)
+        # the strata of the config's training step (``small``: one per design; the one-graph paths still decode
+        # every pair, the fast path only the strata's)
+        strata = draw_strata(torch.ones(x.shape[:2], dtype=torch.bool, device=x.device),
+                             self.cfg.model.strata_per_design)
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast():
             if base.startswith("fast"):  # the encoders run twice as at this bench's batch (also when counting)
                 recompute = base != "fast, encoders kept" and len(self.x) > chunk_rows(self.device)[0]
-                objective_backward(self.model, x, c, "elbo", beta, 1, recompute_encoders=recompute)
+                objective_backward(self.model, x, c, "elbo", beta, 1, strata=strata, recompute_encoders=recompute)
             elif base == "straightforward" and self.compiled:
                 if self._compiled_reference_loss is None:
                     # static shapes: with a symbolic batch, the latents' noise (torch.rand) fails to trace
                     self._compiled_reference_loss = torch.compile(self.reference_loss, dynamic=False)
-                self._compiled_reference_loss(x, c).backward()
+                self._compiled_reference_loss(x, c, strata).backward()
             else:
-                forward_objective(self.path(base == "one graph"), x, c, "elbo", beta, 1).loss.backward()
+                forward_objective(self.path(base == "one graph"), x, c, "elbo", beta, 1, strata=strata).loss.backward()
         self.optimizer.step()
 
     @torch.no_grad()

@@ -61,6 +61,7 @@ class ModelConfig:
     nf_max: int = 128
     decoder_nf: int = 0  # the decoders' widths (0: nf, nf_max): they decide each pixel, the encoders only summarise
     decoder_nf_max: int = 0
+    decoder_output: str = "upsample"  # upsample | pixel_shuffle: how the decoders reach the mask's resolution
     cond_dim: int = 2
     cond_hidden: list[int] = field(default_factory=lambda: [128, 256])
     priorposterior: str = "Laplace"  # a latent family of epure.model.latents: Laplace | Normal
@@ -336,6 +337,7 @@ def validate_choices(config: Config) -> None:
         "model.objective": (m.objective, list(objectives)),
         "model.cross_prior": (m.cross_prior, list(cross_priors)),
         "model.latent_sampler": (m.latent_sampler, list(latent_samplers)),
+        "model.decoder_output": (m.decoder_output, ["upsample", "pixel_shuffle"]),
         "train.device": (t.device, ["auto", "cpu", "cuda", "mps"]),
         "train.precision": (t.precision, ["auto", "fp32", "bf16"]),
         "train.compile": (t.compile, ["auto", "on", "off"]),

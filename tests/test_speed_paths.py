@@ -26,9 +26,9 @@ TOLERANCE = 1e-5  # relative, float32
 FLOAT64_TOLERANCE = 1e-10
 
 
-def small_model(m: int, family: str) -> MMVAEPlus:
+def small_model(m: int, family: str, decoder_output: str = "upsample") -> MMVAEPlus:
     components = [f"c{i}" for i in range(m)]
-    cfg = tiny_config(None, ".", components, **{"model.priorposterior": family})
+    cfg = tiny_config(None, ".", components, **{"model.priorposterior": family, "model.decoder_output": decoder_output})
     torch.manual_seed(0)
     return MMVAEPlus(cfg.model, components, cfg.data.image_size)
 
@@ -45,11 +45,13 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return (torch.linalg.norm(a - b) / torch.linalg.norm(b)).item()
 
 
-@pytest.mark.parametrize("family", ["Laplace", "Normal"])
+@pytest.mark.parametrize("family,decoder_output", [("Laplace", "upsample"), ("Normal", "upsample"),
+                                                   ("Normal", "pixel_shuffle")])
 @pytest.mark.parametrize("objective,k", [("elbo", 1), ("dreg", 3)])
 @pytest.mark.parametrize("m", [3, 5])
-def test_fast_and_straightforward_paths_agree(m: int, objective: str, k: int, family: str) -> None:
-    model = small_model(m, family)
+def test_fast_and_straightforward_paths_agree(m: int, objective: str, k: int, family: str,
+                                              decoder_output: str) -> None:
+    model = small_model(m, family, decoder_output)
     g = torch.Generator().manual_seed(m)
     x, c = (torch.rand(4, m, 64, 32, generator=g) > 0.6).float(), torch.randn(4, 2, generator=g)
     fast_loss, fast_grads = loss_and_gradients(model, x, c, objective, k, straightforward=False)
@@ -143,7 +145,7 @@ def test_sampling_paths_agree() -> None:
 
 
 @pytest.mark.parametrize("layer,shape", [(UpsampleConv2d(3, 5), (2, 3, 4, 6)), (PointwiseConv2d(3, 5, 2), (2, 3, 8, 6)),
-                                         (MaskConv2d(3), (2, 3, 8, 6))])
+                                         (MaskConv2d(3), (2, 3, 8, 6)), (MaskConv2d(3, upscale=2), (2, 3, 4, 3))])
 def test_convolution_workarounds_are_the_plain_convolution(layer: torch.nn.Conv2d, shape: tuple) -> None:
     """Each workaround equals the plain convolution of its own weights (of the upsampled input, for the
     upsampling one), in float64 to rounding, and in the channels-last format the networks use."""
@@ -151,7 +153,10 @@ def test_convolution_workarounds_are_the_plain_convolution(layer: torch.nn.Conv2
     layer = layer.double()
     h = torch.randn(*shape, dtype=torch.float64)
     plain = h if not isinstance(layer, UpsampleConv2d) else torch.nn.functional.interpolate(h, scale_factor=2.0)
-    expected = conv(layer, plain).squeeze(1) if isinstance(layer, MaskConv2d) else conv(layer, plain)
+    expected = conv(layer, plain)
+    if isinstance(layer, MaskConv2d):  # one channel, or 4 pixel-shuffled into 2x2 blocks
+        expected = torch.nn.functional.pixel_shuffle(expected, layer.upscale).squeeze(1)
+        assert expected.shape == (shape[0], shape[2] * layer.upscale, shape[3] * layer.upscale)
     torch.testing.assert_close(layer(h), expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(layer(h.contiguous(memory_format=torch.channels_last)), expected, rtol=1e-12,
                                atol=1e-12)

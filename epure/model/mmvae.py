@@ -73,8 +73,8 @@ class MMVAEPlus(nn.Module):
         self.encoders = nn.ModuleList([Encoder(self.image_size, cfg.nf, cfg.nf_max, features, cfg.latent_dim_w,
                                                cfg.latent_dim_z) for _ in components])
         decoder_nf, decoder_nf_max = cfg.decoder_nf or cfg.nf, cfg.decoder_nf_max or cfg.nf_max
-        self.decoders = nn.ModuleList([Decoder(self.image_size, decoder_nf, decoder_nf_max, features, cfg.latent_dim_u)
-                                       for _ in components])
+        self.decoders = nn.ModuleList([Decoder(self.image_size, decoder_nf, decoder_nf_max, features, cfg.latent_dim_u,
+                                               cfg.decoder_output) for _ in components])
         # Fixed standard priors p(w), p(z).
         self.register_buffer("prior_loc", torch.zeros(1))
         self.register_buffer("prior_scale", torch.ones(1))

@@ -91,16 +91,24 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """u = [w, z] joined with the condition embedding -> Bernoulli logits (or means) of one mask."""
+    """u = [w, z] joined with the condition embedding -> Bernoulli logits (or means) of one mask.
 
-    def __init__(self, image_size: tuple[int, int], nf: int, nf_max: int, cond_features: int, latent_dim_u: int):
+    ``output``: ``upsample`` (three up blocks to the mask's resolution, then a 3x3 convolution to one channel) or
+    ``pixel_shuffle`` (two up blocks to half the resolution, then a 3x3 convolution to 4 channels, each output
+    pixel one of them: nothing runs at the full resolution, where the upsample decoder's narrowest and slowest
+    convolutions are; ``model.decoder_output``, README).
+    """
+
+    def __init__(self, image_size: tuple[int, int], nf: int, nf_max: int, cond_features: int, latent_dim_u: int,
+                 output: str = "upsample"):
         super().__init__()
         channels = stage_channels(nf, nf_max)
         self.base_shape = (channels[-1], image_size[0] >> DOWNSAMPLINGS, image_size[1] >> DOWNSAMPLINGS)
         self.fc = nn.Linear(latent_dim_u + cond_features, channels[-1] * self.base_shape[1] * self.base_shape[2])
+        last = 0 if output == "upsample" else 1  # the stage the output convolution reads
         self.blocks = nn.Sequential(*[ResBlock(channels[i + 1], channels[i], "up")
-                                      for i in reversed(range(DOWNSAMPLINGS))])
-        self.out = MaskConv2d(channels[0])
+                                      for i in reversed(range(last, DOWNSAMPLINGS))])
+        self.out = MaskConv2d(channels[last], upscale=1 << last)
 
     def forward(self, u: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """u [..., latent_dim_u], cond [..., cond_features] -> [N, H, W], N the rows of u's leading dims.

@@ -11,7 +11,8 @@
 ``StraightforwardModel(model)`` is the same model (its parameters, config and everything else) whose encoders
 and decoders run the plain way: default (NCHW) memory format, one decoder call per (source, target) pair,
 the condition embedding concatenated to u, nearest upsampling then a 3x3 convolution, 1x1 skips and the
-last convolution as plain convolutions. The objectives and the generation functions run on it unchanged, so
+last convolution as plain convolutions (the last one pixel-shuffled after it, for ``model.decoder_output:
+pixel_shuffle``). The objectives and the generation functions run on it unchanged, so
 gradients reach the model's parameters exactly as on the one forward path, which must agree with it up to
 float rounding (tests/test_speed_paths.py).
 """
@@ -86,4 +87,4 @@ def decoder(net: Decoder, u: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
     h = net.fc(torch.cat([u, cond], dim=-1)).reshape(-1, *net.base_shape)
     for block in net.blocks:
         h = res_block(block, h)
-    return conv(net.out, F.silu(h)).squeeze(1)
+    return F.pixel_shuffle(conv(net.out, F.silu(h)), net.out.upscale).squeeze(1)
