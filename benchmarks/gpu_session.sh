@@ -10,7 +10,7 @@
 # 3. `epure train` end to end on CUDA: train.precision bf16 with train.compile on, then fp32 eager (the
 #    wiring of both keys; their losses side by side);
 # 4. the reference's whole loss compiled, fp32 and bf16, at batch 128;
-# 5. while the budget lasts: `small`-preset runs trained on the GPU (benchmarks/ablation.py, one process per
+# 5. while the budget lasts: `small`-preset runs (its steps, and four times as many) trained on the GPU (benchmarks/ablation.py, one process per
 #    variant, fp32), what four times the steps gives on five components.
 # Each part has its own time limit and writes under $OUT as it goes, so a part that fails or runs out of
 # time costs only itself. Runs from the repository root without installing epure (PYTHONPATH), W&B off.
@@ -63,8 +63,8 @@ if (( $(left) > 60 )); then
             --variant "$name" "$@" > "/tmp/ablation_$name.log" 2>&1
         echo "-- $name: exit $?"; tail -4 "/tmp/ablation_$name.log"
     }
-    run_variant steps749 749 train.precision=fp32 >> "$log" 2>&1 &
-    run_variant steps2996 2996 train.precision=fp32 >> "$log" 2>&1 &
+    run_variant steps1712 1712 train.precision=fp32 >> "$log" 2>&1 &
+    run_variant steps6848 6848 train.precision=fp32 >> "$log" 2>&1 &
     wait
 fi
 echo "== done at ${SECONDS}s" | tee -a "$log"
