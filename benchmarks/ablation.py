@@ -62,12 +62,13 @@ def samplers(loaded, designs, names: list[str], fit_components: list[int]):
 
 
 def reconstruction_scores(loaded, test, limit: int, seed: int = 0) -> dict[str, float]:
-    """Diversity of the test designs' own reconstructions (decoded from their posterior locations with their own
-    conditions): the most any sampler of unconditional latents can reach with this decoder."""
+    """Diversity of the test designs' own reconstructions (decoded from their posterior locations, z from the
+    fitted prior's expert, with their own conditions): the most a sampler of such latents can reach."""
     test = test.subset(np.arange(min(limit, len(test))))
     c = torch.from_numpy(loaded.normalizer.normalize(test.conditions))
     with torch.inference_mode():
-        latents = design_latents(loaded.model, torch.from_numpy(test.images), c).float()
+        expert = loaded.fitted_prior.expert if loaded.fitted_prior is not None else None
+        latents = design_latents(loaded.model, torch.from_numpy(test.images), c, expert=expert).float()
         made = np.concatenate([binarize(latent_probabilities(loaded.model, latents[i: i + 256], c[i: i + 256]).numpy())
                                for i in range(0, len(test), 256)])
     scores, _ = diversity_scores(made, binarize(test.images), None, seed)

@@ -63,8 +63,8 @@ if (( $(left) > 60 )); then
             --variant "$name" "$@" > "/tmp/ablation_$name.log" 2>&1
         echo "-- $name: exit $?"; tail -4 "/tmp/ablation_$name.log"
     }
-    run_variant steps1712 1712 train.precision=fp32 >> "$log" 2>&1 &
-    run_variant steps6848 6848 train.precision=fp32 >> "$log" 2>&1 &
+    run_variant steps1926 1926 train.precision=fp32 >> "$log" 2>&1 &
+    run_variant steps7704 7704 train.precision=fp32 >> "$log" 2>&1 &
     wait
 fi
 echo "== done at ${SECONDS}s" | tee -a "$log"

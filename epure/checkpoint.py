@@ -213,6 +213,7 @@ class LoadedModel:
     meta: dict[str, Any] = field(default_factory=dict)
     train_conditions: np.ndarray | None = None  # the train split's raw condition rows [N, C]; None in older files
     fitted_prior: FittedPrior | None = None  # the latent density fitted to these weights; None: not in the file
+    exclusive_components: bool = False  # one component per pixel in every training design (metrics.design_masks)
 
     @property
     def run_name(self) -> str:
@@ -242,7 +243,8 @@ def load_model(source: str | Path, device: str | torch.device = "cpu", prefer: s
     rows = state.get("train_conditions")
     rows = None if rows is None else torch.as_tensor(rows, dtype=torch.float32).numpy()
     return LoadedModel(model, config, ConditionNormalizer.from_dict(state["normalizer"]), components, path, meta, rows,
-                       stored_fitted_prior(path, state, config, components))
+                       stored_fitted_prior(path, state, config, components),
+                       bool(state.get("exclusive_components", False)))
 
 
 def stored_fitted_prior(path: Path, state: dict[str, Any], config: Config, components: list[str]) -> FittedPrior | None:

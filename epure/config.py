@@ -77,7 +77,7 @@ class ModelConfig:
     strata_per_design: int = 0
     cross_prior: str = "prior"  # completion: unobserved components' private latents from p(w) (paper) or r_m(w) (aux)
     latent_sampler: str = "prior"  # unconditional designs' latents from the priors (paper) or the fitted prior
-    fitted_prior_components: int = 1  # Gaussians in the fitted prior (fitted at every epoch's end; fitted_prior.py)
+    fitted_prior_components: int = 1  # Gaussians in the fitted prior (fitted at the run's end; fitted_prior.py)
 
 
 @dataclass

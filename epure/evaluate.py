@@ -43,7 +43,7 @@ from epure.checkpoint import LoadedModel
 from epure.data import ConditionNormalizer, DatasetError, Split, load_split, resolve_root
 from epure.data.dimensions import measure_dimensions
 from epure.io import atomic_write_json
-from epure.metrics import (binarize, bootstrap_std, centre_of_mass, component_descriptors, dice, iou,
+from epure.metrics import (binarize, bootstrap_std, centre_of_mass, component_descriptors, design_masks, dice, iou,
                            manifold_scores, mean_pairwise_iou, mean_pairwise_iou_within, nearest_iou, piece_counts,
                            standardise, wasserstein)
 from epure.model.generation import CROSS_PRIORS, JOINT_RULES, LATENT_SAMPLERS
@@ -213,7 +213,8 @@ def evaluate(loaded: LoadedModel, split: Split, options: EvaluationOptions | Non
             "data_fingerprint": split.fingerprint, "train_designs": len(train) if train is not None else None,
             "options": dataclasses.asdict(options), "ood_values": ood_values,
             "cross_prior": options.cross_prior or loaded.config.model.cross_prior,
-            "latent_sampler": options.latent_sampler, "seconds": {k: round(v, 3) for k, v in timings.items()}}
+            "latent_sampler": options.latent_sampler, "exclusive_components": loaded.exclusive_components,
+            "seconds": {k: round(v, 3) for k, v in timings.items()}}
     labels = ["+".join(loaded.components[i] for i in s) for s in observed_sets]
     return EvaluationResult(list(loaded.components), labels, iou_matrix, dice_matrix, uncond, uncond_std, real,
                             dims, dims_ood, diversity, info, scored)
@@ -308,8 +309,9 @@ def conditioned_scores(loaded: LoadedModel, split: Split, observed_sets: list[tu
 
 
 def _generate(loaded: LoadedModel, raw_conditions: np.ndarray, options: EvaluationOptions) -> np.ndarray:
-    """One unconditional design per row of conditions, thresholded -> bool [N, M, H, W]."""
-    return np.concatenate([binarize(b) for b in generate(loaded, raw_conditions, options.batch_size, options.seed,
+    """One unconditional design per row of conditions, thresholded as a whole design (metrics.design_masks)
+    -> bool [N, M, H, W]."""
+    return np.concatenate([design_masks(b, loaded.exclusive_components) for b in generate(loaded, raw_conditions, options.batch_size, options.seed,
                                                          options.latent_sampler)])
 
 

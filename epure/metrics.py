@@ -30,6 +30,34 @@ def binarize(masks: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     return masks > (threshold * 255 if masks.dtype == np.uint8 else threshold)
 
 
+def components_exclusive(images: np.ndarray) -> bool:
+    """Whether no pixel of any design belongs to two components (uint8 or bool designs [N, M, H, W])."""
+    occupied = binarize(images)
+    return bool(occupied.sum(axis=1, dtype=np.int16).max(initial=0) <= 1)
+
+
+def design_masks(probabilities: np.ndarray, exclusive: bool, threshold: float = 0.5) -> np.ndarray:
+    """Boolean masks of whole designs from their components' probabilities [N, M, H, W].
+
+    Each component is thresholded on its own. With ``exclusive`` components (one material per pixel, as in
+    every design the model was trained on), a pixel that no component claims but whose components'
+    probabilities sum past the threshold is occupied too: where two components meet, each decoder hedges on
+    which of them a boundary pixel belongs to, and thresholding each alone leaves a gap there (a bead that
+    touches its carcass at a corner only). Such a pixel goes to the likeliest component that already reaches
+    it (4-adjacent), so no component gains a piece; a pixel that no claimed component reaches stays empty.
+    """
+    probabilities = np.asarray(probabilities)
+    own = probabilities > threshold
+    if not exclusive:
+        return own
+    gap = ~own.any(axis=1, keepdims=True) & (probabilities.sum(axis=1, keepdims=True) > threshold)
+    padded = np.pad(own, [(0, 0), (0, 0), (1, 1), (1, 1)])
+    reaches = padded[..., :-2, 1:-1] | padded[..., 2:, 1:-1] | padded[..., 1:-1, :-2] | padded[..., 1:-1, 2:]
+    candidates = np.where(gap & reaches, probabilities, -1.0)
+    likeliest = candidates.argmax(axis=1)[:, None] == np.arange(probabilities.shape[1])[None, :, None, None]
+    return own | (likeliest & (candidates.max(axis=1, keepdims=True) >= 0.0))
+
+
 def iou(a: np.ndarray, b: np.ndarray, empty: float = 1.0) -> np.ndarray:
     """Intersection over union of boolean masks ``[..., H, W]`` -> ``[...]``.
 

@@ -44,6 +44,7 @@ import epure
 from epure.checkpoint import LoadedModel
 from epure.data.dimensions import measure_dimensions
 from epure.io import atomic_write_json, atomic_write_text, claim_dir
+from epure.metrics import design_masks
 from epure.model.generation import LATENT_SAMPLERS, completion_probabilities, unconditional_probabilities
 from epure.viz import composite, design_grid, grid, save_png
 
@@ -159,13 +160,13 @@ def _to_tensor(loaded: LoadedModel, raw_conditions: np.ndarray) -> torch.Tensor:
 
 def latent_sampler(loaded: LoadedModel, requested: str | None = None) -> str:
     """The sampler unconditional designs use: ``requested``, or None for the model's ``model.latent_sampler``.
-    ``fitted`` on a checkpoint without a fitted prior (an older epure's, or one saved mid-epoch) warns and
+    ``fitted`` on a checkpoint without a fitted prior (an older epure's, or one saved before its run ended) warns and
     draws from the priors."""
     rule = requested or loaded.config.model.latent_sampler
     if rule not in LATENT_SAMPLERS:
         raise SamplingError(f"--latent-sampler must be one of {', '.join(LATENT_SAMPLERS)}, got {rule!r}")
     if rule == "fitted" and loaded.fitted_prior is None:
-        log.warning("%s holds no fitted prior (saved by an older epure, or in the middle of an epoch): "
+        log.warning("%s holds no fitted prior (saved by an older epure, or before its run ended): "
                     "unconditional designs are drawn from the priors p(z) p(w)", loaded.path)
         return "prior"
     return rule
@@ -205,9 +206,12 @@ def complete(loaded: LoadedModel, images: np.ndarray, raw_conditions: np.ndarray
                                        cross_prior).cpu().numpy()
 
 
-def to_png_array(probs: np.ndarray, binary: bool) -> np.ndarray:
-    """Probabilities -> uint8 pixels: thresholded at 0.5 to 0/255 with ``binary``, else grey levels."""
-    return np.where(probs > 0.5, 255, 0).astype(np.uint8) if binary else (np.clip(probs, 0, 1) * 255).round().astype(np.uint8)
+def to_png_array(probs: np.ndarray, binary: bool, exclusive: bool = False) -> np.ndarray:
+    """Probabilities [N, M, H, W] -> uint8 pixels: with ``binary`` 0/255, each component thresholded at 0.5 and,
+    for ``exclusive`` components, the pixels between them decided as metrics.design_masks does; else grey levels."""
+    if binary:
+        return np.where(design_masks(probs, exclusive), 255, 0).astype(np.uint8)
+    return (np.clip(probs, 0, 1) * 255).round().astype(np.uint8)
 
 
 def _write_pngs(jobs: list[tuple[Path, np.ndarray]]) -> None:
@@ -286,7 +290,7 @@ def write_unconditional(loaded: LoadedModel, out_dir: Path | Destination, raw_co
     preview, measured, sampler = [], [], latent_sampler(loaded, sampler)
     for start, batch in zip(range(0, len(ids), batch_size), generate(loaded, raw_conditions, batch_size, seed,
                                                                     sampler)):
-        pixels = to_png_array(batch, binary)
+        pixels = to_png_array(batch, binary, loaded.exclusive_components)
         jobs = []
         for j, design in enumerate(pixels):
             sample_id = ids[start + j]
@@ -298,7 +302,8 @@ def write_unconditional(loaded: LoadedModel, out_dir: Path | Destination, raw_co
     save_png(design_grid(np.stack(preview)), root / "grid.png")
     rows = manifest_rows(loaded, ids, raw_conditions, np.concatenate(measured), "unconditional", "")
     write_record(root, rows, loaded, {"mode": "unconditional", "observed": None, "seed": seed, "binary": binary,
-                                      "batch_size": batch_size, "latent_sampler": sampler, **(record or {})})
+                                      "exclusive_components": loaded.exclusive_components, "batch_size": batch_size,
+                                      "latent_sampler": sampler, **(record or {})})
     return SampleReport(out, len(ids), folders, [root])
 
 

@@ -36,11 +36,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from epure import distributed
 from epure.acceleration import autocast, compile_networks, resolve_compile, resolve_precision
-from epure.checkpoint import (CheckpointError, LoadedModel, git_commit, numpy_rng_state, read_run_checkpoint,
-                              save_checkpoint, set_aside_damaged, set_numpy_rng_state)
+from epure.checkpoint import (CheckpointError, LoadedModel, git_commit, numpy_rng_state, read_checkpoint,
+                              read_run_checkpoint, save_checkpoint, set_aside_damaged, set_numpy_rng_state)
 from epure.config import Config, TrainConfig, config_from_dict, save_config
 from epure.data import ConditionNormalizer, DataBundle, load_data
 from epure.io import atomic_write_json, atomic_write_text, claim_dir
+from epure.metrics import components_exclusive
 from epure.model import MMVAEPlus, forward_objective
 from epure.model.backward import objective_backward
 from epure.model.fitted_prior import FittedPrior, fit_prior
@@ -295,7 +296,8 @@ class TrainState:
     val_loss: float | None = None  # the last validation's loss at an epoch's end; None mid-epoch
     best_val_loss: float = math.inf
     schedule_progress: float = 0.0  # share of the budget spent: the learning-rate schedule's clock
-    fitted_prior: FittedPrior | None = None  # fitted to these weights at an epoch's end; None once they change
+    fitted_prior: FittedPrior | None = None  # fitted to these weights (pictures, the run's end); None once they change
+    exclusive_components: bool = False  # no training pixel belongs to two components (metrics.design_masks)
 
     def checkpoint(self) -> dict[str, Any]:
         """The checkpoint's contents; the RNG state is the one of this moment."""
@@ -306,7 +308,8 @@ class TrainState:
                 "schedule_progress": self.schedule_progress, "rng": rng_state(),
                 "data_fingerprint": self.data_fingerprint, "data_changes": self.data_changes,
                 "git_commit": self.git_commit, "train_conditions": self.train_conditions,
-                "fitted_prior": self.fitted_prior.to_state() if self.fitted_prior is not None else None}
+                "fitted_prior": self.fitted_prior.to_state() if self.fitted_prior is not None else None,
+                "exclusive_components": self.exclusive_components}
 
     def restore(self, checkpoint: dict[str, Any]) -> None:
         """Continue from a checkpoint: weights, optimiser, counters, and the RNG where it was."""
@@ -422,7 +425,7 @@ def set_up(cfg: Config, resume: str | Path | None, data: DataBundle | None, trac
         compile_networks([*model.encoders, *model.decoders])
     state = TrainState(model, make_optimizer(model, tc), cfg,
                        data.normalizer, data.fingerprint, torch.tensor(data.train.conditions, dtype=torch.float32),
-                       git_commit(), data_changes)
+                       git_commit(), data_changes, exclusive_components=components_exclusive(data.train.images))
     run_dir, history = open_run_dir(ctx, state, resume, resume_path, checkpoint)
     tracker.start(run_dir, cfg)
     tracker.use_dataset(data, cfg.data)
@@ -613,12 +616,16 @@ def end_of_epoch(session: Session, images_fn) -> None:
     if improved:
         state.best_val_loss = session.last_val
     state.val_loss = session.last_val
-    if ctx.is_main:  # the density unconditional designs may draw their latents from (model.latent_sampler: fitted)
-        state.fitted_prior = fit_prior(state.model, session.train_x, session.train_c,
-                                       session.cfg.model.fitted_prior_components, tc.seed, session.train_a.all(dim=1))
+    finishing = stopping or state.epoch == tc.epochs
+    every = session.cfg.wandb.images_every_epochs
+    pictures = ctx.is_main and images_fn is not None and every and (state.epoch % every == 0 or finishing)
+    if ctx.is_main and (finishing or (pictures and session.cfg.model.latent_sampler == "fitted")):
+        state.fitted_prior = fit_session_prior(session, state.model)
     session.save("last.pt")
     if improved:
         session.save("best.pt")
+    if ctx.is_main and finishing:
+        fit_best_checkpoint(session)
     session.history.append(row)
     if ctx.is_main:
         write_metrics_csv(session.run_dir / "metrics.csv", session.history)
@@ -626,14 +633,44 @@ def end_of_epoch(session: Session, images_fn) -> None:
                                    ["latest", f"epoch-{state.epoch}", *(["best"] if improved else [])],
                                    {"epoch": state.epoch, "step": state.step, "val_loss": session.last_val,
                                     "data_fingerprint": state.data_fingerprint, "git_commit": state.git_commit})
-    every = session.cfg.wandb.images_every_epochs
-    if ctx.is_main and images_fn is not None and every and (
-            state.epoch % every == 0 or state.epoch == tc.epochs or stopping):
+    if pictures:
         state.model.eval()
         loaded = LoadedModel(state.model, session.cfg, state.normalizer, list(session.cfg.data.components),
-                             session.run_dir, fitted_prior=state.fitted_prior)
+                             session.run_dir, fitted_prior=state.fitted_prior,
+                             exclusive_components=state.exclusive_components)
         session.tracker.log_images(images_fn(loaded, session.data), state.step)
         state.model.train()
+
+
+def fit_session_prior(session: Session, model: MMVAEPlus) -> FittedPrior | None:
+    """The density unconditional designs may draw their latents from (model.latent_sampler: fitted), fitted to
+    ``model``'s latents of the training designs."""
+    return fit_prior(model, session.train_x, session.train_c, session.cfg.model.fitted_prior_components,
+                     session.cfg.train.seed, session.train_a.all(dim=1))
+
+
+def fit_best_checkpoint(session: Session) -> None:
+    """Give best.pt its fitted prior when it was saved at an epoch that skipped the fit.
+
+    A fit encodes every training design and runs EM (about 8 s for the small preset, a quarter of one of its
+    epochs), so training fits only where something uses the fit: epochs that draw pictures and the run's end.
+    best.pt saved at an earlier epoch is fitted here, its weights loaded into the model for the time of it.
+    """
+    path = session.run_dir / "checkpoints" / "best.pt"
+    if not path.is_file():
+        return
+    saved = read_checkpoint(path)
+    if saved.get("fitted_prior") is not None:
+        return
+    model = session.state.model
+    current = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    model.load_state_dict(saved["model"])
+    try:
+        fitted = fit_session_prior(session, model)
+    finally:
+        model.load_state_dict(current)
+    saved["fitted_prior"] = fitted.to_state() if fitted is not None else None
+    save_checkpoint(path, saved)
 
 
 def finish(session: Session) -> TrainResult:

@@ -14,9 +14,10 @@ from epure.checkpoint import CheckpointError, load_model, read_checkpoint, save_
 from epure.cli import app
 from epure.data import load_data, load_split
 from epure.evaluate import EvaluationError, EvaluationOptions, evaluate
-from epure.model.fitted_prior import FittedPrior, design_latents, fit_prior
+from epure.model.fitted_prior import FittedPrior, best_expert, design_latents, fit_prior
 from epure.model.generation import latent_probabilities
 from epure.sample import SamplingError, generate
+from epure import train as train_module
 from epure.train import train
 
 from factories import synthetic_dataset, tiny_config
@@ -67,20 +68,33 @@ def test_a_gaussian_fit_is_the_latents_mean_and_covariance(trained) -> None:
     x = torch.from_numpy(split.images)
     c = torch.from_numpy(loaded.normalizer.normalize(split.conditions))
     prior = fit_prior(loaded.model, x, c, components=1)
-    latents = design_latents(loaded.model, x, c)
+    # z comes from the expert whose z reconstructs whole designs best (Bernoulli log-likelihood, first 512 designs)
+    with torch.no_grad():
+        post = loaded.model.encode(x.float() / 255, loaded.model.cond(c))
+        scores = [torch.distributions.Bernoulli(probs=latent_probabilities(
+            loaded.model, torch.cat([post.z_loc[:, m], post.w_loc.flatten(1)], 1), c).clamp(1e-6, 1 - 1e-6)
+        ).log_prob(x.float() / 255).sum().item() for m in range(3)]
+    assert prior.expert == best_expert(loaded.model, x, c)
+    assert scores[prior.expert] >= max(scores) - 1e-4 * abs(max(scores)) and len(set(scores)) == 3
+    latents = design_latents(loaded.model, x, c, expert=prior.expert)
     assert latents.shape == (len(split), 4 + 3 * 4) and prior.latent_dim == 16
     joined = torch.cat([latents, c.double()], dim=1)
     torch.testing.assert_close(prior.means[0], joined.mean(0))
     torch.testing.assert_close(prior.covariances[0], torch.cov(joined.T) + 1e-4 * torch.eye(18, dtype=torch.float64))
-    # the latents: the mean of the experts' z locations, then every component's w location
-    post = loaded.model.encode(x[:3].float() / 255, loaded.model.cond(c[:3]))
-    torch.testing.assert_close(latents[:3, :4].float(), post.z_loc.mean(1))
-    torch.testing.assert_close(latents[:3, 4:8].float(), post.w_loc[:, 0])
+    # the latents: that expert's z locations (or the experts' mean), then every component's w location
+    torch.testing.assert_close(latents[:3, :4].float(), post.z_loc[:3, prior.expert])
+    torch.testing.assert_close(latents[:3, 4:8].float(), post.w_loc[:3, 0])
+    mean_of_experts = design_latents(loaded.model, x[:3], c[:3])
+    torch.testing.assert_close(mean_of_experts[:, :4].float(), post.z_loc[:3].mean(1))
+    assert FittedPrior.from_state(prior.to_state()).expert == prior.expert
+    older = {k: v for k, v in prior.to_state().items() if k != "expert"}  # fits saved before the expert was chosen
+    assert FittedPrior.from_state(older).expert is None
     # only complete designs are fitted (data.missing: allow); too few of them: no fit
     complete = torch.ones(len(x), dtype=torch.bool)
     complete[::2] = False
     partial = fit_prior(loaded.model, x, c, components=1, complete=complete)
-    torch.testing.assert_close(partial.means[0], joined[1::2].mean(0))
+    half = torch.cat([design_latents(loaded.model, x[1::2], c[1::2], expert=partial.expert), c[1::2].double()], 1)
+    torch.testing.assert_close(partial.means[0], half.mean(0))
     assert partial.designs == len(x) // 2
     assert fit_prior(loaded.model, x, c, complete=torch.zeros(len(x), dtype=torch.bool)) is None
     mixture = fit_prior(loaded.model, x, c, components=2)
@@ -146,6 +160,43 @@ def test_training_stores_the_fit_and_sampling_uses_it(trained, tmp_path, caplog)
     assert "holds no fitted prior" in caplog.text
     (plain,) = generate(old, raw, batch_size=6, seed=0, sampler="prior")
     np.testing.assert_array_equal(fallback, plain)
+
+
+def test_training_fits_only_for_pictures_and_at_the_end(tmp_path, monkeypatch) -> None:
+    """A fit encodes every training design, so training skips it at epochs nothing uses it: epoch 2 draws
+    pictures (fitted), epoch 3 ends the run; best.pt, saved at epoch 1 without a fit, is fitted to its own
+    weights at the end."""
+    root = synthetic_dataset(tmp_path / "data", n=120)
+    cfg = tiny_config(root, tmp_path / "out", COMPONENTS, **{"train.epochs": 3, "wandb.images_every_epochs": 2,
+                                                             "model.latent_sampler": "fitted"})
+    losses = iter([5.0, 9.0, 7.0])  # validation losses by epoch: the first one stays the best
+    monkeypatch.setattr(train_module, "validation_sums", lambda *args, **kwargs: [next(losses), 1.0])
+    fitted_weights = []
+    real_fit = train_module.fit_prior
+
+    def counted_fit(model, *args, **kwargs):
+        fitted_weights.append(next(model.parameters()).detach().clone())
+        return real_fit(model, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "fit_prior", counted_fit)
+    pictured = []
+    run_dir = train(cfg, images_fn=lambda loaded, data: pictured.append(loaded.fitted_prior) or {}).run_dir
+    assert len(fitted_weights) == 3  # epoch 2 (pictures), epoch 3 (the end), best.pt's weights (epoch 1)
+    assert len(pictured) == 2 and all(fit is not None for fit in pictured)
+    best, last = (read_checkpoint(run_dir / "checkpoints" / name) for name in ("best.pt", "last.pt"))
+    assert (best["epoch"], last["epoch"]) == (1, 3)
+    assert last["exclusive_components"] is True  # the synthetic designs have one component per pixel
+    first_weight = next(iter(best["model"].values()))
+    torch.testing.assert_close(fitted_weights[2], first_weight)  # the refit saw best.pt's weights...
+    assert not torch.equal(fitted_weights[1], first_weight)
+    loaded = load_model(run_dir)  # ...and the model's own weights came back afterwards
+    designs = load_data(cfg.data).train
+    refit = fit_prior(loaded.model, torch.from_numpy(designs.images),
+                      torch.from_numpy(loaded.normalizer.normalize(designs.conditions)), 1, cfg.train.seed)
+    torch.testing.assert_close(loaded.fitted_prior.means.float(), refit.means.float(), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(loaded.fitted_prior.means, FittedPrior.from_state(last["fitted_prior"]).means)
+    final = load_model(run_dir, prefer="last")
+    torch.testing.assert_close(next(final.model.parameters()), fitted_weights[1])
 
 
 def test_evaluate_and_sample_take_the_sampler(trained, tmp_path) -> None:

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from epure.metrics import binarize, bootstrap_std, centre_of_mass, dice, iou, piece_counts, wasserstein
+from epure.metrics import (binarize, bootstrap_std, centre_of_mass, components_exclusive, design_masks, dice, iou,
+                           piece_counts, wasserstein)
 
 
 def rectangle(r0: int, r1: int, c0: int, c1: int, shape: tuple[int, int] = (8, 8)) -> np.ndarray:
@@ -214,3 +215,35 @@ def test_mean_pairwise_iou_within_groups() -> None:
     assert mean_pairwise_iou_within(groups) == pytest.approx(expected)
     assert mean_pairwise_iou_within(np.repeat(designs[:, None], 5, axis=1)) == 1.0  # every draw the same
     assert np.isnan(mean_pairwise_iou_within(groups[:, :1]))
+
+
+def test_design_masks_close_the_gaps_between_exclusive_components() -> None:
+    """Where two components meet each decoder may hedge: both under 0.5 on the boundary pixel, their sum over
+    it. Exclusive components get that pixel (the likelier one that reaches it); overlapping ones do not."""
+    p = np.zeros((1, 2, 3, 4))
+    p[0, 0, 1, 0] = 0.9  # component 0: one pixel at (1, 0)
+    p[0, 1, 1, 2:] = 0.9  # component 1: (1, 2) and (1, 3)
+    p[0, :, 1, 1] = [0.30, 0.35]  # the boundary pixel between them: 0.65 in all, neither alone
+    p[0, 0, 2, 3] = 0.4  # far from component 0's own pixels and alone under 0.5: stays empty
+    p[0, 1, 2, 3] = 0.2  # sums to 0.6 there, but reaches component 1 (above it), so it goes to 1
+    plain = design_masks(p, exclusive=False)
+    np.testing.assert_array_equal(plain, p > 0.5)
+    assert piece_counts(plain.any(1)).tolist() == [2]
+    joined = design_masks(p, exclusive=True)
+    assert piece_counts(joined.any(1)).tolist() == [1]
+    assert joined[0, 1, 1, 1] and not joined[0, 0, 1, 1]  # the likelier component, 0.35 > 0.30
+    assert joined[0, 1, 2, 3] and not joined[0, 0, 2, 3]  # 0 is likelier there but does not reach the pixel
+    assert (joined & ~plain).sum() == 2 and piece_counts(joined[0]).tolist() == [1, 1]
+    lonely = np.zeros((1, 2, 3, 3))
+    lonely[0, :, 1, 1] = 0.3  # summing past 0.5 with no claimed component beside it: nothing to join
+    assert not design_masks(lonely, exclusive=True).any()
+
+
+def test_components_exclusive() -> None:
+    designs = np.zeros((2, 3, 4, 4), dtype=np.uint8)
+    designs[0, 0, :2] = 255
+    designs[0, 1, 2:] = 255
+    designs[1, 2] = 255
+    assert components_exclusive(designs)
+    designs[1, 0, 0, 0] = 255  # one pixel in two components
+    assert not components_exclusive(designs)

@@ -170,6 +170,9 @@ def test_artifact_downloads_once_and_samples_like_the_run(trained: Trained, tmp_
 
     from_artifact, from_run = load_model(folder), load_model(trained.result.run_dir)
     assert from_artifact.meta["epoch"] == 1
+    # what sampling reads besides the weights travels too: the fitted prior and the whole-design decision
+    assert from_artifact.exclusive_components is from_run.exclusive_components is True
+    torch.testing.assert_close(from_artifact.fitted_prior.means, from_run.fitted_prior.means)
     for loaded, out in ((from_artifact, tmp_path / "a"), (from_run, tmp_path / "b")):
         raw, ids = unconditional_requests(loaded, 3, {}, None, seed=0)
         write_unconditional(loaded, out, raw, ids, seed=0)

@@ -4,8 +4,8 @@ MMVAE+ draws unconditional designs from the fixed priors p(z) p(w_1..M). When th
 fill the prior (their locations spread wider than it, or crowd into part of it), prior draws fall between
 the designs the decoders learnt and decode to an average design. The fitted prior instead draws latents
 where the training designs' posteriors are: it encodes the train split, takes each design's shared latent
-(the mean of the components' experts' locations, the mixture's mean) and every component's private latent
-(its posterior location), joins the design's normalised conditions, and fits a Gaussian mixture with full
+(the location of one component's expert, the one from which whole designs are reconstructed best:
+``best_expert``) and every component's private latent (its posterior location), joins the design's normalised conditions, and fits a Gaussian mixture with full
 covariances to these vectors (one component: a Gaussian). A design for requested conditions c draws its
 latents from the mixture's conditional given c, so latents and conditions keep their joint distribution.
 This is a departure from the paper (an ex-post density estimate, as in Ghosh et al. 2020, "From variational
@@ -29,10 +29,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 
 log = logging.getLogger(__name__)
 
 FIT_DESIGNS = 8000  # at most this many training designs (a fixed random subset) are encoded for the fit
+EXPERT_DESIGNS = 512  # of them, how many choose the expert whose z is fitted (best_expert)
 REG_COVAR = 1e-4  # added to every covariance's diagonal: unused latent dimensions have (almost) no spread
 
 
@@ -45,13 +47,15 @@ class FittedPrior:
     covariances: torch.Tensor  # [G, D + C, D + C]
     latent_dim: int  # D = dz + M dw
     designs: int  # how many training designs it was fitted to
+    expert: int | None = None  # the component whose expert's z locations were fitted; None: their mean (older fits)
 
     def __post_init__(self) -> None:
         self.weights, self.means, self.covariances = (t.double() for t in (self.weights, self.means, self.covariances))
 
     def to_state(self) -> dict:
         return {"weights": self.weights.float(), "means": self.means.float(), "covariances": self.covariances.float(),
-                "latent_dim": int(self.latent_dim), "designs": int(self.designs)}
+                "latent_dim": int(self.latent_dim), "designs": int(self.designs),
+                "expert": -1 if self.expert is None else int(self.expert)}
 
     @classmethod
     def from_state(cls, state: dict) -> "FittedPrior":
@@ -63,7 +67,8 @@ class FittedPrior:
         if g < 1 or means.shape[0] != g or tuple(cov.shape) != (g, d, d) or not 0 < latent_dim <= d:
             raise ValueError(f"weights {tuple(weights.shape)}, means {tuple(means.shape)} and covariances "
                              f"{tuple(cov.shape)} with {latent_dim} latent dimensions do not fit together")
-        return cls(weights, means, cov, latent_dim, int(state["designs"]))
+        expert = int(state.get("expert", -1))
+        return cls(weights, means, cov, latent_dim, int(state["designs"]), None if expert < 0 else expert)
 
     def sample(self, conditions: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Latents [N, D] drawn given normalised conditions [N, C]: the mixture's conditional at each row."""
@@ -94,15 +99,40 @@ class FittedPrior:
 
 
 @torch.no_grad()
-def design_latents(model, images: torch.Tensor, conditions: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """[N, dz + M dw] per design: the mixture's mean of z (average of the experts' locations), then each
-    component's private latent location. ``images`` uint8 [N, M, H, W], ``conditions`` normalised [N, C]."""
+def design_latents(model, images: torch.Tensor, conditions: torch.Tensor, batch_size: int = 256,
+                   expert: int | None = None) -> torch.Tensor:
+    """[N, dz + M dw] per design: z, then each component's private latent location. z is the location of
+    component ``expert``'s expert, or with None the mixture's mean (the average of the experts' locations).
+    ``images`` uint8 [N, M, H, W], ``conditions`` normalised [N, C]."""
     rows = []
     for start in range(0, len(images), batch_size):
         x = images[start: start + batch_size].float().div_(255)
         post = model.encode(x, model.cond(conditions[start: start + batch_size]))
-        rows.append(torch.cat([post.z_loc.mean(1), post.w_loc.flatten(1)], dim=1).double().cpu())
+        z = post.z_loc.mean(1) if expert is None else post.z_loc[:, expert]
+        rows.append(torch.cat([z, post.w_loc.flatten(1)], dim=1).double().cpu())
     return torch.cat(rows)
+
+
+@torch.no_grad()
+def best_expert(model, images: torch.Tensor, conditions: torch.Tensor, designs: int = EXPERT_DESIGNS,
+                batch_size: int = 128) -> int:
+    """The component whose expert's z location, with every component's own w location, reconstructs whole
+    designs best: the largest Bernoulli log-likelihood of all components over the first ``designs`` designs.
+
+    The decoders learnt from single experts' draws of z (the mixture posterior picks one expert per draw),
+    never from an average of the experts: their mean lies between them and decodes to a more average design.
+    """
+    scores = torch.zeros(images.shape[1], dtype=torch.float64)
+    for start in range(0, min(designs, len(images)), batch_size):
+        x = images[start: min(start + batch_size, designs)].float().div_(255)
+        cond_emb = model.cond(conditions[start: start + len(x)])
+        post = model.encode(x, cond_emb)
+        n, m = x.shape[:2]
+        for expert in range(m):
+            u = torch.cat([post.w_loc, post.z_loc[:, expert: expert + 1].expand(n, m, -1)], dim=-1)
+            logits = model.decode(u, cond_emb).float()
+            scores[expert] -= F.binary_cross_entropy_with_logits(logits, x, reduction="sum").item()
+    return int(scores.argmax())
 
 
 def fit_prior(model, images: torch.Tensor, conditions: torch.Tensor, components: int = 1,
@@ -125,7 +155,8 @@ def fit_prior(model, images: torch.Tensor, conditions: torch.Tensor, components:
         images, conditions = images[keep.to(images.device)], conditions[keep.to(conditions.device)]
     was_training = model.training
     model.eval()
-    latents = design_latents(model, images, conditions)
+    expert = best_expert(model, images, conditions)
+    latents = design_latents(model, images, conditions, expert=expert)
     model.train(was_training)
     data = torch.cat([latents, conditions.detach().double().cpu()], dim=1).numpy()
     components = max(1, min(components, len(data) // max(1, data.shape[1])))  # enough designs per covariance
@@ -139,9 +170,9 @@ def fit_prior(model, images: torch.Tensor, conditions: torch.Tensor, components:
         mixture = GaussianMixture(components, covariance_type="full", reg_covar=REG_COVAR, random_state=seed,
                                   max_iter=200, n_init=1).fit(data)
         weights, mean, cov = mixture.weights_, mixture.means_, mixture.covariances_
-    log.info("fitted prior: %d component(s) over %d latent dimensions and %d conditions, %d designs",
-             components, latents.shape[1], conditions.shape[1], len(data))
+    log.info("fitted prior: %d component(s) over %d latent dimensions (z from expert %d) and %d conditions, %d designs",
+             components, latents.shape[1], expert, conditions.shape[1], len(data))
     return FittedPrior(torch.from_numpy(np.asarray(weights, dtype=np.float64)),
                        torch.from_numpy(np.asarray(mean, dtype=np.float64)),
-                       torch.from_numpy(np.asarray(cov, dtype=np.float64)), latents.shape[1], len(data))
+                       torch.from_numpy(np.asarray(cov, dtype=np.float64)), latents.shape[1], len(data), expert)
 
