@@ -10,8 +10,8 @@
 # 3. `epure train` end to end on CUDA: train.precision bf16 with train.compile on, then fp32 eager (the
 #    wiring of both keys; their losses side by side);
 # 4. the reference's whole loss compiled, fp32 and bf16, at batch 128;
-# 5. while the budget lasts: `small`-preset runs (its steps, and four times as many) trained on the GPU (benchmarks/ablation.py, one process per
-#    variant, fp32), what four times the steps gives on five components.
+# 5. while the budget lasts: `small`-preset runs (its steps, and four times as many) trained on the GPU
+#    (benchmarks/ablation.py, one process per variant, fp32), what four times the steps gives on five components.
 # Each part has its own time limit and writes under $OUT as it goes, so a part that fails or runs out of
 # time costs only itself. Runs from the repository root without installing epure (PYTHONPATH), W&B off.
 set -u

@@ -311,8 +311,8 @@ def conditioned_scores(loaded: LoadedModel, split: Split, observed_sets: list[tu
 def _generate(loaded: LoadedModel, raw_conditions: np.ndarray, options: EvaluationOptions) -> np.ndarray:
     """One unconditional design per row of conditions, thresholded as a whole design (metrics.design_masks)
     -> bool [N, M, H, W]."""
-    return np.concatenate([design_masks(b, loaded.exclusive_components) for b in generate(loaded, raw_conditions, options.batch_size, options.seed,
-                                                         options.latent_sampler)])
+    batches = generate(loaded, raw_conditions, options.batch_size, options.seed, options.latent_sampler)
+    return np.concatenate([design_masks(b, loaded.exclusive_components) for b in batches])
 
 
 def design_features(masks: np.ndarray, components: list[str]) -> dict[str, np.ndarray]:

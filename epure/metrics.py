@@ -31,9 +31,10 @@ def binarize(masks: np.ndarray, threshold: float = 0.5) -> np.ndarray:
 
 
 def components_exclusive(images: np.ndarray) -> bool:
-    """Whether no pixel of any design belongs to two components (uint8 or bool designs [N, M, H, W])."""
-    occupied = binarize(images)
-    return bool(occupied.sum(axis=1, dtype=np.int16).max(initial=0) <= 1)
+    """Whether no pixel of any design belongs to two components (uint8 or bool designs [N, M, H, W]); read
+    in chunks of designs, so a large split is never copied whole."""
+    return all(int(binarize(images[start: start + 4096]).sum(axis=1, dtype=np.int16).max(initial=0)) <= 1
+               for start in range(0, len(images), 4096))
 
 
 def design_masks(probabilities: np.ndarray, exclusive: bool, threshold: float = 0.5) -> np.ndarray:

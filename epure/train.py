@@ -624,7 +624,7 @@ def end_of_epoch(session: Session, images_fn) -> None:
     session.save("last.pt")
     if improved:
         session.save("best.pt")
-    if ctx.is_main and finishing:
+    if ctx.is_main and finishing and not improved:  # an improved best.pt was just saved with this fit
         fit_best_checkpoint(session)
     session.history.append(row)
     if ctx.is_main:
@@ -652,7 +652,7 @@ def fit_session_prior(session: Session, model: MMVAEPlus) -> FittedPrior | None:
 def fit_best_checkpoint(session: Session) -> None:
     """Give best.pt its fitted prior when it was saved at an epoch that skipped the fit.
 
-    A fit encodes every training design and runs EM (about 8 s for the small preset, a quarter of one of its
+    A fit encodes every training design and runs EM (about 10 s for the small preset, a third of one of its
     epochs), so training fits only where something uses the fit: epochs that draw pictures and the run's end.
     best.pt saved at an earlier epoch is fitted here, its weights loaded into the model for the time of it.
     """

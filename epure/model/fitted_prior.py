@@ -5,8 +5,8 @@ fill the prior (their locations spread wider than it, or crowd into part of it),
 the designs the decoders learnt and decode to an average design. The fitted prior instead draws latents
 where the training designs' posteriors are: it encodes the train split, takes each design's shared latent
 (the location of one component's expert, the one from which whole designs are reconstructed best:
-``best_expert``) and every component's private latent (its posterior location), joins the design's normalised conditions, and fits a Gaussian mixture with full
-covariances to these vectors (one component: a Gaussian). A design for requested conditions c draws its
+``best_expert``) and every component's private latent (its posterior location), joins the design's
+normalised conditions, and fits a Gaussian mixture with full covariances to these vectors (one component: a Gaussian). A design for requested conditions c draws its
 latents from the mixture's conditional given c, so latents and conditions keep their joint distribution.
 This is a departure from the paper (an ex-post density estimate, as in Ghosh et al. 2020, "From variational
 to deterministic autoencoders"); ``model.latent_sampler: prior`` keeps the paper's sampler, and the fitted
