@@ -7,6 +7,7 @@ Imported by the two scripts as a sibling module (``python benchmarks/X.py`` puts
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import time
@@ -63,6 +64,8 @@ def arguments(doc: str, config: str, output_dir: str, eval_limit: int) -> argpar
     parser.add_argument("--cross-prior", choices=["prior", "aux", "both"], default="both",
                         help="completion rule(s) to score the trained model with: unobserved private latents "
                              "from p(w) or r(w) (default: both, one column each)")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="score masks thresholded here (default: the model's calibrated decision threshold)")
     parser.add_argument("--output-dir", default=output_dir)
     parser.add_argument("--out", type=Path, default=Path(output_dir) / "results.json")
     return parser
@@ -87,6 +90,7 @@ class Outcome:
     metrics: dict[str, dict[str, float]]  # completion rule (prior | aux) -> the evaluation's flat metrics
     test: Split  # the evaluated test designs
     train: Split  # the benchmark data's whole train split, for the 16-NN reference
+    threshold: float  # where the scored masks were thresholded (the model's calibrated one unless --threshold)
 
 
 def rules(choice: str) -> list[str]:
@@ -95,7 +99,7 @@ def rules(choice: str) -> list[str]:
 
 
 def train_and_evaluate(cfg: Config, data: DataBundle, run: Path | None, eval_limit: int,
-                       use_mean: bool, cross_priors: list[str]) -> Outcome:
+                       use_mean: bool, cross_priors: list[str], threshold: float | None = None) -> Outcome:
     """Train ``cfg`` (unless ``run`` names a finished run), then evaluate its last checkpoint on the first
     ``eval_limit`` test designs, diversity included (memorisation against the run's own training designs), once
     per completion rule in ``cross_priors`` (only completions differ between them)."""
@@ -114,10 +118,12 @@ def train_and_evaluate(cfg: Config, data: DataBundle, run: Path | None, eval_lim
                     loaded.meta.get("data_fingerprint"), data.fingerprint)
     test = data.test.subset(np.arange(min(eval_limit, len(data.test))))
     designs = training_split(loaded)
-    metrics = {rule: evaluate(loaded, test, EvaluationOptions(bootstrap=0, use_mean=use_mean, cross_prior=rule),
-                              designs).flat() for rule in cross_priors}
+    options = EvaluationOptions(bootstrap=0, use_mean=use_mean, threshold=threshold)
+    metrics = {rule: evaluate(loaded, test, dataclasses.replace(options, cross_prior=rule), designs).flat()
+               for rule in cross_priors}
     train_split = load_split(resolve_root(data_cfg), "train", data_cfg)
-    return Outcome(Path(run), steps, minutes, metrics, test, train_split)
+    return Outcome(Path(run), steps, minutes, metrics, test, train_split,
+                   loaded.threshold if threshold is None else threshold)
 
 
 def knn_reference(train_split: Split, test: Split, k: int = KNN_REFERENCE) -> np.ndarray:
@@ -187,4 +193,5 @@ def title(cfg_name: str, outcome: Outcome, use_mean: bool) -> str:
     gpu = f"{torch.cuda.get_device_name()}, " if torch.cuda.is_available() else ""
     latents = "posterior means" if use_mean else "posterior samples"
     return (f"{cfg_name}: {budget}{outcome.steps} steps, {gpu}{len(os.sched_getaffinity(0))} CPUs, "
-            f"load average {os.getloadavg()[0]:.1f}; completions from {latents}; run {outcome.run_dir}")
+            f"load average {os.getloadavg()[0]:.1f}; completions from {latents}; masks above "
+            f"{outcome.threshold:g}; run {outcome.run_dir}")

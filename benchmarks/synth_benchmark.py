@@ -75,7 +75,8 @@ def main() -> None:
     cfg = budget_config(args, SYNTHETIC)
     data = load_data(cfg.data)
     use_mean = not args.sample_latents
-    outcome = train_and_evaluate(cfg, data, args.run, args.eval_limit, use_mean, rules(args.cross_prior))
+    outcome = train_and_evaluate(cfg, data, args.run, args.eval_limit, use_mean, rules(args.cross_prior),
+                                 args.threshold)
     reference = knn_reference(outcome.train, outcome.test)
     tables = {rule: rows(metrics, list(cfg.data.components), reference) for rule, metrics in outcome.metrics.items()}
     columns = ["16-NN (no training)", "real vs real"]
@@ -83,7 +84,7 @@ def main() -> None:
     console.print(render(tables, columns, title(args.config, outcome, use_mean), first))
     atomic_write_text(args.out, json.dumps({
         "run_dir": str(outcome.run_dir), "steps": outcome.steps, "minutes": outcome.minutes,
-        "config": cfg.to_dict(), "tables": {rule: {r.name: r.value for r in table} for rule, table in tables.items()},
+        "threshold": outcome.threshold, "config": cfg.to_dict(), "tables": {rule: {r.name: r.value for r in table} for rule, table in tables.items()},
         "goals": {r.name: r.goal for r in next(iter(tables.values()))}, "knn_reference": reference.tolist(),
         "metrics": outcome.metrics}, indent=2, default=str))
 

@@ -95,14 +95,16 @@ def main() -> None:
     cfg = budget_config(args)
     data = load_data(cfg.data)
     use_mean = not args.sample_latents
-    outcome = train_and_evaluate(cfg, data, args.run, args.eval_limit, use_mean, rules(args.cross_prior))
+    outcome = train_and_evaluate(cfg, data, args.run, args.eval_limit, use_mean, rules(args.cross_prior),
+                                 args.threshold)
     knn = ours_knn(knn_reference(outcome.train, outcome.test), list(cfg.data.components))
     tables = {rule: rows(metrics, knn) for rule, metrics in outcome.metrics.items()}
     first = f"metric ({len(outcome.test):,} toy test sections)"
     console.print(render(tables, [*REFERENCE_COLUMNS, "16-NN (ours)", "real"], title(args.config, outcome, use_mean),
                          first))
     atomic_write_text(args.out, json.dumps({"run_dir": str(outcome.run_dir), "steps": outcome.steps,
-                                            "minutes": outcome.minutes, "config": cfg.to_dict(),
+                                            "minutes": outcome.minutes, "threshold": outcome.threshold,
+                                            "config": cfg.to_dict(),
                                             "tables": {rule: {r.name: r.value for r in table}
                                                        for rule, table in tables.items()},
                                             "knn_ours": knn, "metrics": outcome.metrics}, indent=2, default=str))

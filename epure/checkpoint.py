@@ -214,6 +214,7 @@ class LoadedModel:
     train_conditions: np.ndarray | None = None  # the train split's raw condition rows [N, C]; None in older files
     fitted_prior: FittedPrior | None = None  # the latent density fitted to these weights; None: not in the file
     exclusive_components: bool = False  # one component per pixel in every training design (metrics.design_masks)
+    threshold: float = 0.5  # where its probabilities become masks, calibrated in training (older files: 0.5)
 
     @property
     def run_name(self) -> str:
@@ -244,7 +245,8 @@ def load_model(source: str | Path, device: str | torch.device = "cpu", prefer: s
     rows = None if rows is None else torch.as_tensor(rows, dtype=torch.float32).numpy()
     return LoadedModel(model, config, ConditionNormalizer.from_dict(state["normalizer"]), components, path, meta, rows,
                        stored_fitted_prior(path, state, config, components),
-                       bool(state.get("exclusive_components", False)))
+                       bool(state.get("exclusive_components", False)),
+                       float(state.get("decision_threshold", 0.5)))
 
 
 def stored_fitted_prior(path: Path, state: dict[str, Any], config: Config, components: list[str]) -> FittedPrior | None:

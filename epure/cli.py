@@ -416,7 +416,8 @@ def sample_command(
         "--cross-prior", help="prior | aux: unobserved components' private latents from p(w) or r(w) "
                               "(inpainting; default: the model's model.cross_prior).")] = None,
     latent_sampler: LatentSamplerOption = None,
-    binary: Annotated[bool, typer.Option("--binary", help="Threshold masks at 0.5.")] = False,
+    binary: Annotated[bool, typer.Option("--binary", help="Threshold masks at the model's calibrated threshold "
+                                                          "(0.5 in models trained before it).")] = False,
     data: Annotated[Optional[str], typer.Option("--data", help="Dataset to complete (default: the training one).")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Complete only the first N test examples.")] = None,
     out: Annotated[Optional[Path], typer.Option(
@@ -552,6 +553,9 @@ def evaluate_command(
         "--cross-prior", help="prior | aux: score completions with unobserved private latents from p(w) or r(w) "
                               "(default: the model's model.cross_prior).")] = None,
     latent_sampler: LatentSamplerOption = None,
+    threshold: Annotated[Optional[float], typer.Option(
+        "--threshold", help="Score masks thresholded here (default: the model's calibrated threshold, "
+                            "0.5 in models trained before it).")] = None,
     ood: Annotated[bool, typer.Option("--ood", help="Also dimension fidelity just outside the training range.")] = False,
     ood_margin: Annotated[int, typer.Option("--ood-margin", help="How many px beyond the training range, for --ood.")] = 6,
     bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples for standard deviations (0: none).")] = 200,
@@ -571,7 +575,7 @@ def evaluate_command(
     options = evaluation.EvaluationOptions(limit=limit, seed=seed, bootstrap=bootstrap, subsets=subsets,
                                            joint=joint_rule, use_mean=mean, cross_prior=cross_prior,
                                            latent_sampler=latent_sampler, ood=ood, ood_margin=ood_margin,
-                                           batch_size=batch_size, draws=draws)
+                                           batch_size=batch_size, draws=draws, threshold=threshold)
     with reported_errors():
         options.check()
         loaded, source = chosen_model(checkpoint, artifact, project, entity, device)

@@ -78,6 +78,7 @@ class EvaluationOptions:
     use_mean: bool = False  # posterior means instead of samples when completing
     cross_prior: str | None = None  # unobserved private latents from p(w) (prior) or r(w) (aux); None: the model's
     latent_sampler: str | None = None  # unconditional latents from the priors (prior) or the fitted prior (fitted)
+    threshold: float | None = None  # probabilities above it are occupied; None: the model's calibrated threshold
     ood: bool = False  # also measure dimension fidelity just outside the training range
     ood_margin: int = 6  # how many px beyond the training range the out-of-range requests go
     batch_size: int = 200  # larger batches measured no faster on CPU: their big buffers cost page faults
@@ -97,6 +98,8 @@ class EvaluationOptions:
         if self.latent_sampler not in (None, *LATENT_SAMPLERS):
             raise EvaluationError(f"--latent-sampler must be one of {', '.join(LATENT_SAMPLERS)}, "
                                   f"got {self.latent_sampler!r}")
+        if self.threshold is not None and not 0.0 < self.threshold < 1.0:
+            raise EvaluationError(f"--threshold must be between 0 and 1, got {self.threshold}")
         if self.ood_margin <= 0:
             raise EvaluationError(f"--ood-margin must be positive, got {self.ood_margin}")
         if self.batch_size <= 0:
@@ -182,7 +185,8 @@ def evaluate(loaded: LoadedModel, split: Split, options: EvaluationOptions | Non
     """
     options = options or EvaluationOptions()
     options.check()
-    options = dataclasses.replace(options, latent_sampler=latent_sampler(loaded, options.latent_sampler))
+    options = dataclasses.replace(options, latent_sampler=latent_sampler(loaded, options.latent_sampler),
+                                  threshold=mask_threshold(loaded, options))
     if list(split.components) != list(loaded.components):
         raise EvaluationError(f"the data's components {split.components} are not the model's {loaded.components}")
     if options.limit:
@@ -284,6 +288,11 @@ def observed_subsets(m: int, subsets: bool) -> list[tuple[int, ...]]:
     return sets
 
 
+def mask_threshold(loaded: LoadedModel, options: EvaluationOptions) -> float:
+    """Where generated probabilities become masks: ``options.threshold``, else the model's calibrated one."""
+    return loaded.threshold if options.threshold is None else options.threshold
+
+
 def conditioned_scores(loaded: LoadedModel, split: Split, observed_sets: list[tuple[int, ...]],
                        options: EvaluationOptions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Mean IoU and Dice [len(observed_sets), M] of every component generated from each observed set, and the
@@ -300,7 +309,7 @@ def conditioned_scores(loaded: LoadedModel, split: Split, observed_sets: list[tu
         batches = complete(loaded, split.images[rows], split.conditions[rows], list(observed), options.joint,
                            options.use_mean, bs, options.seed, options.cross_prior) if len(rows) else []
         for start, probs in zip(range(0, len(rows), bs), batches):
-            made, real = binarize(probs), truth[start: start + len(probs)]
+            made, real = binarize(probs, mask_threshold(loaded, options)), truth[start: start + len(probs)]
             there = targets[start: start + len(probs)]
             iou_sum[r] += np.where(there, iou(made, real), 0).sum(axis=0)
             dice_sum[r] += np.where(there, dice(made, real), 0).sum(axis=0)
@@ -312,7 +321,8 @@ def _generate(loaded: LoadedModel, raw_conditions: np.ndarray, options: Evaluati
     """One unconditional design per row of conditions, thresholded as a whole design (metrics.design_masks)
     -> bool [N, M, H, W]."""
     batches = generate(loaded, raw_conditions, options.batch_size, options.seed, options.latent_sampler)
-    return np.concatenate([design_masks(b, loaded.exclusive_components) for b in batches])
+    threshold = mask_threshold(loaded, options)
+    return np.concatenate([design_masks(b, loaded.exclusive_components, threshold) for b in batches])
 
 
 def design_features(masks: np.ndarray, components: list[str]) -> dict[str, np.ndarray]:
@@ -405,7 +415,7 @@ def completion_diversity(loaded: LoadedModel, split: Split, train: Split | None,
     real: dict[str, float] = {}
     for o, name in enumerate(loaded.components):
         others = [t for t in range(m) if t != o]
-        made = np.concatenate([binarize(b)[:, others] for b in complete(
+        made = np.concatenate([binarize(b, mask_threshold(loaded, options))[:, others] for b in complete(
             loaded, repeated, repeated_c, [o], options.joint, options.use_mean, options.batch_size, options.seed,
             options.cross_prior)])
         model[f"completion_iou/{name}"] = mean_pairwise_iou_within(made.reshape(count, draws, *made.shape[1:]))
@@ -498,7 +508,8 @@ def write_evaluation(result: EvaluationResult, loaded: LoadedModel, split: Split
     with torch.inference_mode():
         (made,) = generate(loaded, split.conditions[:count], batch_size=count, seed=seed,
                            sampler=result.info.get("latent_sampler"))
-    save_png(grid([[composite(split.images[i]), *made[i], composite(made[i] > 0.5)] for i in range(count)]),
+    threshold = result.info["options"]["threshold"]
+    save_png(grid([[composite(split.images[i]), *made[i], composite(made[i] > threshold)] for i in range(count)]),
              samples)
     return [out, completions, samples]
 
@@ -546,7 +557,8 @@ def render_tables(result: EvaluationResult, console: Console) -> None:
     n = result.info.get("examples")
     sampler = {"prior": "the priors p(z) p(w)", "fitted": "the fitted prior"}.get(result.info.get("latent_sampler"), "?")
     table = Table(title=f"evaluation of {result.info.get('run')} on {n} examples (± bootstrap std); "
-                        f"unconditional latents from {sampler}")
+                        f"unconditional latents from {sampler}; masks above "
+                        f"{result.info.get('options', {}).get('threshold', 0.5):g}")
     for column, justify in [("metric", "left"), ("value", "right"), ("± std", "right"), ("real data", "right")]:
         table.add_column(column, justify=justify)
     for name, value in result.headline().items():

@@ -206,11 +206,12 @@ def complete(loaded: LoadedModel, images: np.ndarray, raw_conditions: np.ndarray
                                        cross_prior).cpu().numpy()
 
 
-def to_png_array(probs: np.ndarray, binary: bool, exclusive: bool = False) -> np.ndarray:
-    """Probabilities [N, M, H, W] -> uint8 pixels: with ``binary`` 0/255, each component thresholded at 0.5 and,
-    for ``exclusive`` components, the pixels between them decided as metrics.design_masks does; else grey levels."""
+def to_png_array(probs: np.ndarray, binary: bool, exclusive: bool = False, threshold: float = 0.5) -> np.ndarray:
+    """Probabilities [N, M, H, W] -> uint8 pixels: with ``binary`` 0/255, each component thresholded at
+    ``threshold`` (the model's calibrated one, LoadedModel.threshold) and, for ``exclusive`` components, the
+    pixels between them decided as metrics.design_masks does; else grey levels."""
     if binary:
-        return np.where(design_masks(probs, exclusive), 255, 0).astype(np.uint8)
+        return np.where(design_masks(probs, exclusive, threshold), 255, 0).astype(np.uint8)
     return (np.clip(probs, 0, 1) * 255).round().astype(np.uint8)
 
 
@@ -290,7 +291,7 @@ def write_unconditional(loaded: LoadedModel, out_dir: Path | Destination, raw_co
     preview, measured, sampler = [], [], latent_sampler(loaded, sampler)
     for start, batch in zip(range(0, len(ids), batch_size), generate(loaded, raw_conditions, batch_size, seed,
                                                                     sampler)):
-        pixels = to_png_array(batch, binary, loaded.exclusive_components)
+        pixels = to_png_array(batch, binary, loaded.exclusive_components, loaded.threshold)
         jobs = []
         for j, design in enumerate(pixels):
             sample_id = ids[start + j]
@@ -302,6 +303,7 @@ def write_unconditional(loaded: LoadedModel, out_dir: Path | Destination, raw_co
     save_png(design_grid(np.stack(preview)), root / "grid.png")
     rows = manifest_rows(loaded, ids, raw_conditions, np.concatenate(measured), "unconditional", "")
     write_record(root, rows, loaded, {"mode": "unconditional", "observed": None, "seed": seed, "binary": binary,
+                                      "threshold": loaded.threshold,
                                       "exclusive_components": loaded.exclusive_components, "batch_size": batch_size,
                                       "latent_sampler": sampler, **(record or {})})
     return SampleReport(out, len(ids), folders, [root])
@@ -342,7 +344,7 @@ def write_completions(loaded: LoadedModel, out_dir: Path | Destination, images: 
         batches = complete(loaded, images[rows], raw_conditions[rows], observed, joint, use_mean, batch_size, seed,
                            cross_prior)
         for start, batch in zip(range(0, len(rows), batch_size), batches):
-            pixels = to_png_array(batch, binary)
+            pixels = to_png_array(batch, binary, threshold=loaded.threshold)
             _write_pngs([(targets[c] / f"{ids[rows[start + j]]}_{c}.png", design[m])
                          for j, design in enumerate(pixels) for m, c in enumerate(loaded.components)])
             measured.append(measured_dimensions(pixels))
@@ -353,7 +355,8 @@ def write_completions(loaded: LoadedModel, out_dir: Path | Destination, images: 
         manifest = manifest_rows(loaded, [ids[i] for i in rows], raw_conditions[rows], np.concatenate(measured),
                                  "inpainting", label)
         write_record(out / label, manifest, loaded, {
-            "mode": "inpainting", "observed": names, "seed": seed, "binary": binary, "batch_size": batch_size,
+            "mode": "inpainting", "observed": names, "seed": seed, "binary": binary, "threshold": loaded.threshold,
+            "batch_size": batch_size,
             "joint_rule": joint, "mean": use_mean, "cross_prior": cross_prior or loaded.config.model.cross_prior,
             **(record or {})})
         folders += list(targets.values())
@@ -391,7 +394,7 @@ def write_available_completions(loaded: LoadedModel, out_dir: Path | Destination
         batches = complete(loaded, images[rows], raw_conditions[rows], observed, joint, use_mean, batch_size, seed,
                            cross_prior)
         for start, batch in zip(range(0, len(rows), batch_size), batches):
-            pixels = to_png_array(batch, binary)
+            pixels = to_png_array(batch, binary, threshold=loaded.threshold)
             _write_pngs([(folders[m] / f"{ids[i]}_{c}.png", design[m])
                          for i, design in zip(rows[start:], pixels) for m, c in enumerate(loaded.components)])
             measured[rows[start:start + len(pixels)]] = measured_dimensions(pixels)
@@ -404,7 +407,8 @@ def write_available_completions(loaded: LoadedModel, out_dir: Path | Destination
     atomic_write_text(root / "observed.csv", table + "\n")
     own = ["+".join(c for c, has in zip(loaded.components, row) if has) for row in available]
     write_record(root, manifest_rows(loaded, ids, raw_conditions, measured, "inpainting", own), loaded, {
-        "mode": "inpainting", "observed": AVAILABLE, "seed": seed, "binary": binary, "batch_size": batch_size,
+        "mode": "inpainting", "observed": AVAILABLE, "seed": seed, "binary": binary, "threshold": loaded.threshold,
+        "batch_size": batch_size,
         "joint_rule": joint, "mean": use_mean, "cross_prior": cross_prior or loaded.config.model.cross_prior,
         **(record or {})})
     return SampleReport(out, len(ids), folders, [root])
@@ -442,7 +446,7 @@ def cross_matrix_image(loaded: LoadedModel, images: np.ndarray, raw_conditions: 
         for m in range(len(loaded.components)):
             (batch,) = complete(loaded, images[i: i + 1], raw_conditions[i: i + 1], [m], seed=seed,
                                 cross_prior=cross_prior)
-            rows.append([*batch[0], composite(batch[0] > 0.5)])
+            rows.append([*batch[0], composite(batch[0] > loaded.threshold)])
     return grid(rows)
 
 
@@ -450,7 +454,7 @@ def progress_images(loaded: LoadedModel, images: np.ndarray, raw_conditions: np.
                     count: int = 8, seed: int = 0) -> dict[str, Image.Image]:
     """The pictures logged while training: prior samples, the cross-component matrix, colour composites."""
     (samples,) = generate(loaded, raw_conditions[:count], batch_size=count, seed=seed)
-    composites = grid([[composite(s > 0.5) for s in samples]])
+    composites = grid([[composite(s > loaded.threshold) for s in samples]])
     return {"samples/unconditional": design_grid(samples),
             "samples/cross_matrix": cross_matrix_image(loaded, images, raw_conditions, seed),
             "samples/composites": composites}

@@ -49,7 +49,8 @@ RUN_INFO = "wandb_run.json"  # in a run directory: which W&B run (and artifact c
 ARTIFACT_INFO = "artifact.json"  # in a downloaded artifact folder: what it is; written last, marks it complete
 RUN_FILES = ("config.yaml", "normalization.json", "components.json")
 SAMPLING_KEYS = ("model", "config", "components", "normalizer", "epoch", "step", "val_loss", "data_fingerprint",
-                 "git_commit", "train_conditions", "fitted_prior", "exclusive_components")
+                 "git_commit", "train_conditions", "fitted_prior", "exclusive_components",
+                 "decision_threshold")
 ARTIFACT_EVERY_MINUTES = 10.0
 CONFIRM_SECONDS = 300  # how long finish() waits for the server to confirm the model versions, all together
 REGISTRY_PREFIX = "wandb-registry-"

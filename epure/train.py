@@ -41,10 +41,11 @@ from epure.checkpoint import (CheckpointError, LoadedModel, git_commit, numpy_rn
 from epure.config import Config, TrainConfig, config_from_dict, save_config
 from epure.data import ConditionNormalizer, DataBundle, load_data
 from epure.io import atomic_write_json, atomic_write_text, claim_dir
-from epure.metrics import components_exclusive
+from epure.metrics import best_threshold, components_exclusive
 from epure.model import MMVAEPlus, forward_objective
 from epure.model.backward import objective_backward
 from epure.model.fitted_prior import FittedPrior, fit_prior
+from epure.model.generation import self_reconstructions
 from epure.model.objectives import draw_strata
 from epure.tracking import NullTracker
 
@@ -298,6 +299,7 @@ class TrainState:
     schedule_progress: float = 0.0  # share of the budget spent: the learning-rate schedule's clock
     fitted_prior: FittedPrior | None = None  # fitted to these weights (pictures, the run's end); None once they change
     exclusive_components: bool = False  # no training pixel belongs to two components (metrics.design_masks)
+    decision_threshold: float = 0.5  # where these weights' probabilities become masks (calibrate_threshold)
 
     def checkpoint(self) -> dict[str, Any]:
         """The checkpoint's contents; the RNG state is the one of this moment."""
@@ -309,7 +311,7 @@ class TrainState:
                 "data_fingerprint": self.data_fingerprint, "data_changes": self.data_changes,
                 "git_commit": self.git_commit, "train_conditions": self.train_conditions,
                 "fitted_prior": self.fitted_prior.to_state() if self.fitted_prior is not None else None,
-                "exclusive_components": self.exclusive_components}
+                "exclusive_components": self.exclusive_components, "decision_threshold": self.decision_threshold}
 
     def restore(self, checkpoint: dict[str, Any]) -> None:
         """Continue from a checkpoint: weights, optimiser, counters, and the RNG where it was."""
@@ -321,6 +323,7 @@ class TrainState:
         self.schedule_progress = checkpoint.get("schedule_progress", 0.0)
         fitted = checkpoint.get("fitted_prior")
         self.fitted_prior = FittedPrior.from_state(fitted) if fitted is not None else None
+        self.decision_threshold = checkpoint.get("decision_threshold", 0.5)
         set_rng_state(checkpoint["rng"])
 
 
@@ -611,7 +614,10 @@ def end_of_epoch(session: Session, images_fn) -> None:
         total, count = distributed.sum_across(ctx, validation_sums(state.model, session.cfg, session.val_x,
                                                                    session.val_c, tc.batch_size, session.val_a))
         session.last_val = row["val_loss"] = total / max(count, 1)
-        session.tracker.log({"val/loss": session.last_val, "epoch": state.epoch}, state.step)
+        if ctx.is_main:
+            state.decision_threshold = row["threshold"] = calibrate_threshold(session)
+        session.tracker.log({"val/loss": session.last_val, "val/threshold": state.decision_threshold,
+                             "epoch": state.epoch}, state.step)
     improved = math.isfinite(session.last_val) and session.last_val < state.best_val_loss
     if improved:
         state.best_val_loss = session.last_val
@@ -625,7 +631,10 @@ def end_of_epoch(session: Session, images_fn) -> None:
     if improved:
         session.save("best.pt")
     if ctx.is_main and finishing and not improved:  # an improved best.pt was just saved with this fit
-        fit_best_checkpoint(session)
+        refitted = fit_best_checkpoint(session)
+        if refitted is not None:  # W&B's best version was logged without the fit: log it again, fitted
+            session.tracker.log_checkpoint(session.run_dir / "checkpoints" / "best.pt",
+                                           ["best", f"epoch-{refitted['epoch']}"], refitted)
     session.history.append(row)
     if ctx.is_main:
         write_metrics_csv(session.run_dir / "metrics.csv", session.history)
@@ -637,9 +646,24 @@ def end_of_epoch(session: Session, images_fn) -> None:
         state.model.eval()
         loaded = LoadedModel(state.model, session.cfg, state.normalizer, list(session.cfg.data.components),
                              session.run_dir, fitted_prior=state.fitted_prior,
-                             exclusive_components=state.exclusive_components)
+                             exclusive_components=state.exclusive_components, threshold=state.decision_threshold)
         session.tracker.log_images(images_fn(loaded, session.data), state.step)
         state.model.train()
+
+
+def calibrate_threshold(session: Session) -> float:
+    """The threshold at which the model's reconstructions of (this rank's share of) the validation designs best
+    match them (metrics.best_threshold), for every mask it makes later; 0.5 without validation designs."""
+    model, batch = session.state.model, session.cfg.train.batch_size
+    if len(session.val_x) == 0:
+        return 0.5
+    model.eval()
+    with torch.inference_mode():
+        probs = torch.cat([self_reconstructions(model, session.val_x[start: start + batch].float().div(255),
+                                                session.val_c[start: start + batch]).float()
+                           for start in range(0, len(session.val_x), batch)]).cpu().numpy()
+    model.train()
+    return best_threshold(probs, session.val_x.cpu().numpy() > 127, session.val_a.cpu().numpy())
 
 
 def fit_session_prior(session: Session, model: MMVAEPlus) -> FittedPrior | None:
@@ -649,8 +673,9 @@ def fit_session_prior(session: Session, model: MMVAEPlus) -> FittedPrior | None:
                      session.cfg.train.seed, session.train_a.all(dim=1))
 
 
-def fit_best_checkpoint(session: Session) -> None:
-    """Give best.pt its fitted prior when it was saved at an epoch that skipped the fit.
+def fit_best_checkpoint(session: Session) -> dict[str, Any] | None:
+    """Give best.pt its fitted prior when it was saved at an epoch that skipped the fit; returns the fitted
+    checkpoint's metadata for the tracker (None when nothing was fitted).
 
     A fit encodes every training design and runs EM (about 10 s for the small preset, a third of one of its
     epochs), so training fits only where something uses the fit: epochs that draw pictures and the run's end.
@@ -658,10 +683,10 @@ def fit_best_checkpoint(session: Session) -> None:
     """
     path = session.run_dir / "checkpoints" / "best.pt"
     if not path.is_file():
-        return
+        return None
     saved = read_checkpoint(path)
     if saved.get("fitted_prior") is not None:
-        return
+        return None
     model = session.state.model
     current = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     model.load_state_dict(saved["model"])
@@ -669,8 +694,12 @@ def fit_best_checkpoint(session: Session) -> None:
         fitted = fit_session_prior(session, model)
     finally:
         model.load_state_dict(current)
-    saved["fitted_prior"] = fitted.to_state() if fitted is not None else None
+    if fitted is None:
+        return None
+    saved["fitted_prior"] = fitted.to_state()
     save_checkpoint(path, saved)
+    return {"epoch": saved["epoch"], "step": saved["step"], "val_loss": saved["val_loss"],
+            "data_fingerprint": saved["data_fingerprint"], "git_commit": saved["git_commit"]}
 
 
 def finish(session: Session) -> TrainResult:

@@ -102,8 +102,9 @@ def test_batches_add_up_to_the_whole(trained) -> None:
     truth = binarize(split.images)
     for m in range(len(TOY_COMPONENTS)):
         (probs,) = complete(loaded, split.images, split.conditions, [m], use_mean=True, batch_size=len(split))
-        assert whole.iou[m, m] == pytest.approx(iou(probs[:, m] > 0.5, truth[:, m]).mean(), abs=1e-6)
-        assert whole.dice[m, m] == pytest.approx(dice(probs[:, m] > 0.5, truth[:, m]).mean(), abs=1e-6)
+        made = probs[:, m] > loaded.threshold  # the threshold training calibrated
+        assert whole.iou[m, m] == pytest.approx(iou(made, truth[:, m]).mean(), abs=1e-6)
+        assert whole.dice[m, m] == pytest.approx(dice(made, truth[:, m]).mean(), abs=1e-6)
 
 
 def test_inference_copy_matches_and_leaves_the_model_alone(trained) -> None:

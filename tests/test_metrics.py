@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from epure.metrics import (binarize, bootstrap_std, centre_of_mass, components_exclusive, design_masks, dice, iou,
-                           piece_counts, wasserstein)
+from epure.metrics import (best_threshold, binarize, bootstrap_std, centre_of_mass, components_exclusive,
+                           design_masks, dice, iou, piece_counts, wasserstein)
 
 
 def rectangle(r0: int, r1: int, c0: int, c1: int, shape: tuple[int, int] = (8, 8)) -> np.ndarray:
@@ -234,6 +234,10 @@ def test_design_masks_close_the_gaps_between_exclusive_components() -> None:
     assert joined[0, 1, 1, 1] and not joined[0, 0, 1, 1]  # the likelier component, 0.35 > 0.30
     assert joined[0, 1, 2, 3] and not joined[0, 0, 2, 3]  # 0 is likelier there but does not reach the pixel
     assert (joined & ~plain).sum() == 2 and piece_counts(joined[0]).tolist() == [1, 1]
+    # a higher (calibrated) threshold thins each component, but the gap still closes where the sum passes 0.5
+    raised = design_masks(p, exclusive=True, threshold=0.7)
+    np.testing.assert_array_equal(raised, joined)
+    assert not design_masks(p * 0.7, exclusive=True, threshold=0.6)[0, :, 1, 1].any()  # 0.455 in all: stays a gap
     lonely = np.zeros((1, 2, 3, 3))
     lonely[0, :, 1, 1] = 0.3  # summing past 0.5 with no claimed component beside it: nothing to join
     assert not design_masks(lonely, exclusive=True).any()
@@ -247,3 +251,21 @@ def test_components_exclusive() -> None:
     assert components_exclusive(designs)
     designs[1, 0, 0, 0] = 255  # one pixel in two components
     assert not components_exclusive(designs)
+
+
+def test_best_threshold_is_where_probabilities_match_the_masks() -> None:
+    """Pixels at 0.1, 0.58, 0.64 and 0.9, the true masks those at 0.64 and above: only 0.60 of the candidates
+    keeps the 0.64 pixels and drops the 0.58 ones."""
+    probs = np.tile(np.array([0.1, 0.58, 0.64, 0.9]), (2, 2, 4, 1))  # [N=2, M=2, H=4, W=4]
+    truth = probs >= 0.64
+    assert best_threshold(probs, truth) == 0.6
+    # a tie (0.45, 0.50 and 0.55 all separate 0.4 from 0.6) goes to the candidate nearest 0.5
+    probs = np.tile(np.array([0.4, 0.6]), (1, 1, 2, 1))
+    assert best_threshold(probs, probs > 0.5) == 0.5
+    # only the (design, component) pairs present are scored: an all-0.58 design whose first component is
+    # full and whose second is empty wants a threshold below 0.58 for the first, above it for the second
+    probs = np.full((1, 2, 2, 2), 0.58)
+    truth = np.zeros_like(probs, dtype=bool)
+    truth[0, 0] = True
+    assert best_threshold(probs, truth, present=np.array([[True, False]])) == 0.5
+    assert best_threshold(probs, truth, present=np.array([[False, True]])) == 0.6

@@ -31,6 +31,7 @@ from epure.data.synth import write_synthetic_dataset
 from epure.sample import progress_images, unconditional_requests, write_unconditional
 from epure.tracking import (ArtifactError, NullTracker, WandbTracker, artifact_info, make_tracker,
                             parse_artifact_spec, resolve_artifact)
+from epure import train as train_module
 from epure.train import TrainResult, train
 from factories import sandbox_wandb
 from wandb_records import OfflineRun, find_run_file
@@ -340,3 +341,36 @@ def test_model_versions_are_rate_limited_and_held_back_ones_logged_at_finish(tmp
     assert run.artifacts[2].metadata["val_loss"] is None  # NaN is not JSON
     assert run.preempting and run.exit_code == 143
     assert json.loads((run_dir / "wandb_run.json").read_text())["id"] == run.run.run_id
+
+
+def test_a_best_version_logged_before_its_fit_is_logged_again_fitted(dataset: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch,
+                                                                      wandb_sandbox: Path) -> None:
+    """Epoch 1 is the best and draws no pictures, so training does not fit the prior there and W&B's best
+    version has none; at the end best.pt is fitted, and W&B gets that fitted state as the new best."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    losses = iter([5.0, 9.0, 7.0])  # validation losses by epoch: the first one stays the best
+    monkeypatch.setattr(train_module, "validation_sums", lambda *args, **kwargs: [next(losses), 1.0])
+    tree = tiny_tree(dataset, tmp_path / "outputs", images_every_epochs=2)
+    tree["model"]["latent_sampler"] = "fitted"
+    tree["train"]["epochs"] = 3
+    cfg = config_from_dict(tree)
+    tracker = WandbTracker(cfg.wandb, "offline", artifact_every_minutes=0)
+    result = train(cfg, tracker=tracker, images_fn=images_fn)
+    tracker.finish(0)
+    run = OfflineRun(find_run_file(wandb_sandbox))
+    logged = [(a.metadata["epoch"], sorted(a.aliases)) for a in run.artifacts if a.type == "model"]
+    assert logged == [(1, ["best", "epoch-1", "latest"]), (2, ["epoch-2", "latest"]),
+                      (1, ["best", "epoch-1", "latest"]), (3, ["epoch-3", "latest"])]  # W&B adds latest
+
+    def weights(version: int) -> dict:
+        artifact = [a for a in run.artifacts if a.type == "model"][version]
+        entry = next(e for e in artifact.record.manifest.contents if e.path == "checkpoints/last.pt")
+        return torch.load(entry.local_path, weights_only=True)
+
+    first, refitted = weights(0), weights(2)
+    assert first["fitted_prior"] is None and refitted["fitted_prior"] is not None
+    best = torch.load(result.run_dir / "checkpoints" / "best.pt", weights_only=True)
+    torch.testing.assert_close(refitted["fitted_prior"]["means"], best["fitted_prior"]["means"])
+    for name, tensor in first["model"].items():
+        torch.testing.assert_close(refitted["model"][name], tensor)

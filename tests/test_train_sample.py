@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import signal
@@ -9,14 +11,18 @@ import signal
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 from epure.checkpoint import load_model
 from epure.cli import app
 from epure.data import load_data, load_split
+from epure.evaluate import EvaluationOptions, evaluate
 from epure.model import MMVAEPlus
+from epure.metrics import best_threshold, design_masks
+from epure.model.generation import self_reconstructions
 from epure.sample import (NEAREST_ROWS, SamplingError, component_indices, complete, draw_conditions,
-                          fixed_conditions)
+                          fixed_conditions, generate, write_unconditional)
 from epure.checkpoint import LoadedModel
 from epure.config import ConfigError, save_config
 from epure.tracking import NullTracker
@@ -171,6 +177,38 @@ def test_sample_layout_and_errors(dataset, tmp_path) -> None:
         component_indices(["carcass"], COMPONENTS)
     res = runner.invoke(app, ["sample", "--checkpoint", str(result.run_dir), "--num_samples", "0"])
     assert res.exit_code == 2 and "must be positive" in res.output
+
+
+def test_training_calibrates_the_threshold_that_masks_use(dataset, tmp_path) -> None:
+    """Each validation picks the threshold at which the model reconstructs the validation designs best; the
+    checkpoint keeps it, evaluate scores with it unless told otherwise, and sample --binary draws with it."""
+    cfg = tiny_config(dataset, tmp_path / "out", COMPONENTS, **{"train.epochs": 2, "model.foreground_weight": 4.0})
+    result = train(cfg)
+    loaded = load_model(result.run_dir, prefer="last")
+    data = load_data(cfg.data)
+    with torch.no_grad():
+        probs = self_reconstructions(loaded.model, torch.from_numpy(data.val.images).float() / 255,
+                                     torch.from_numpy(data.normalizer.normalize(data.val.conditions))).numpy()
+    assert loaded.threshold == best_threshold(probs, data.val.images > 127) != 0.5
+    history = (result.run_dir / "metrics.csv").read_text().splitlines()
+    assert history[0].split(",")[-1] == "threshold" and float(history[-1].split(",")[-1]) == loaded.threshold
+
+    split = data.test.subset(np.arange(12))
+    options = EvaluationOptions(bootstrap=0, draws=0)
+    calibrated = evaluate(loaded, split, options)
+    assert calibrated.info["options"]["threshold"] == loaded.threshold
+    at_half = evaluate(loaded, split, dataclasses.replace(options, threshold=0.5))
+    assert at_half.info["options"]["threshold"] == 0.5
+    assert not np.array_equal(calibrated.iou, at_half.iou)
+
+    ids, raw = ["a", "b", "c", "d"], data.test.conditions[:4]
+    write_unconditional(loaded, tmp_path / "samples", raw, ids, binary=True, batch_size=4, seed=0)
+    folder = tmp_path / "samples" / "unconditional"
+    assert json.loads((folder / "sample.json").read_text())["threshold"] == loaded.threshold
+    (drawn,) = generate(loaded, raw, batch_size=4, seed=0)
+    written = np.stack([np.stack([np.asarray(Image.open(folder / c / f"{i}_{c}.png")) for c in COMPONENTS])
+                        for i in ids]) > 127
+    np.testing.assert_array_equal(written, design_masks(drawn, loaded.exclusive_components, loaded.threshold))
 
 
 class Recorder(NullTracker):

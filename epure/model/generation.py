@@ -55,6 +55,17 @@ def latent_probabilities(model: MMVAEPlus, latents: torch.Tensor, conditions: to
 
 
 @torch.no_grad()
+def self_reconstructions(model: MMVAEPlus, x: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
+    """Every component of x [N, M, H, W] in [0, 1] reconstructed from its own posterior means alone (its w and
+    its expert's z: the self IoU's rule, means instead of draws) -> probabilities [N, M, H, W], one decode."""
+    cond_emb = model.cond(conditions)
+    post = model.encode(x, cond_emb)
+    family = model.family
+    u = torch.cat([family.mean(post.w_loc, post.w_scale), family.mean(post.z_loc, post.z_scale)], dim=-1)
+    return torch.sigmoid(model.decode(u, cond_emb))
+
+
+@torch.no_grad()
 def completion_probabilities(model: MMVAEPlus, x: torch.Tensor, conditions: torch.Tensor, observed: list[int],
                              joint: str = "mixture", use_mean: bool = False,
                              generator: torch.Generator | None = None,
