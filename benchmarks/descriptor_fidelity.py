@@ -16,6 +16,9 @@ test designs:
 - unconditional: designs drawn with the test conditions (the model's ``latent_sampler``), their bias and
   spread ratio.
 
+Generated masks are cut at the model's calibrated threshold (``LoadedModel.threshold``), the unconditional
+designs as whole designs (``metrics.design_masks``), as ``epure evaluate`` cuts them.
+
 A spread ratio well under 1 is a quantity the model collapses toward its mean: the reason real designs fall
 outside the model's k-NN balls.
 """
@@ -32,7 +35,7 @@ from rich.table import Table
 from epure.checkpoint import load_model
 from epure.data import load_data
 from epure.io import atomic_write_json
-from epure.metrics import DESCRIPTORS, binarize, component_descriptors
+from epure.metrics import DESCRIPTORS, binarize, component_descriptors, design_masks
 from epure.numerics import flush_denormals_to_zero
 from epure.sample import complete, generate
 
@@ -93,8 +96,10 @@ def main() -> None:
     test = load_data(loaded.config.data).test
     test = test.subset(np.flatnonzero(test.complete)[: args.limit])
     real = component_descriptors(binarize(test.images))
-    recon = component_descriptors(binarize(reconstructions(loaded, test.images, test.conditions, args.mean)))
-    uncond = component_descriptors(binarize(np.concatenate(list(generate(loaded, test.conditions)))))
+    made = reconstructions(loaded, test.images, test.conditions, args.mean)
+    recon = component_descriptors(binarize(made, loaded.threshold))  # the model's calibrated threshold
+    uncond = component_descriptors(design_masks(np.concatenate(list(generate(loaded, test.conditions))),
+                                                loaded.exclusive_components, loaded.threshold))
     rows = fidelity(real, recon, uncond, list(loaded.components))
     print_rows(console, rows, f"{loaded.run_name}: descriptors of {len(test)} test designs (bias in real standard "
                               f"deviations; spread: model std / real std)")
