@@ -474,7 +474,7 @@ def test_evaluate_scores_only_the_targets_that_exist_and_counts_them(incomplete)
                             batch_size=len(rows))
         for t in range(3):
             there = a[rows, t]
-            expected = iou(probs[there, t] > 0.5, truth[rows][there, t]).mean()
+            expected = iou(probs[there, t] > loaded.threshold, truth[rows][there, t]).mean()
             assert scores.iou[m, t] == pytest.approx(expected, abs=1e-9), (m, t)
     # whole-design metrics compare generated designs with the 4 complete ones only (a missing component
     # would count as a section that is not in one piece)
