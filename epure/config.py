@@ -78,6 +78,7 @@ class ModelConfig:
     cross_prior: str = "prior"  # completion: unobserved components' private latents from p(w) (paper) or r_m(w) (aux)
     latent_sampler: str = "prior"  # unconditional designs' latents from the priors (paper) or the fitted prior
     fitted_prior_components: int = 1  # Gaussians in the fitted prior (fitted at the run's end; fitted_prior.py)
+    calibrate_threshold: bool = False  # masks above the threshold validation calls for, not 0.5 (best_threshold)
 
 
 @dataclass

@@ -614,10 +614,10 @@ def end_of_epoch(session: Session, images_fn) -> None:
         total, count = distributed.sum_across(ctx, validation_sums(state.model, session.cfg, session.val_x,
                                                                    session.val_c, tc.batch_size, session.val_a))
         session.last_val = row["val_loss"] = total / max(count, 1)
-        if ctx.is_main:
-            state.decision_threshold = row["threshold"] = calibrate_threshold(session)
-        session.tracker.log({"val/loss": session.last_val, "val/threshold": state.decision_threshold,
-                             "epoch": state.epoch}, state.step)
+        logged = {"val/loss": session.last_val, "epoch": state.epoch}
+        if ctx.is_main and session.cfg.model.calibrate_threshold:
+            state.decision_threshold = row["threshold"] = logged["val/threshold"] = calibrate_threshold(session)
+        session.tracker.log(logged, state.step)
     improved = math.isfinite(session.last_val) and session.last_val < state.best_val_loss
     if improved:
         state.best_val_loss = session.last_val
