@@ -84,7 +84,8 @@ def main() -> None:
     console.print(render(tables, columns, title(args.config, outcome, use_mean), first))
     atomic_write_text(args.out, json.dumps({
         "run_dir": str(outcome.run_dir), "steps": outcome.steps, "minutes": outcome.minutes,
-        "threshold": outcome.threshold, "config": cfg.to_dict(), "tables": {rule: {r.name: r.value for r in table} for rule, table in tables.items()},
+        "threshold": outcome.threshold, "config": cfg.to_dict(),
+        "tables": {rule: {r.name: r.value for r in table} for rule, table in tables.items()},
         "goals": {r.name: r.goal for r in next(iter(tables.values()))}, "knn_reference": reference.tolist(),
         "metrics": outcome.metrics}, indent=2, default=str))
 

@@ -6,9 +6,9 @@ the designs the decoders learnt and decode to an average design. The fitted prio
 where the training designs' posteriors are: it encodes the train split, takes each design's shared latent
 (the location of one component's expert, the one from which whole designs are reconstructed best:
 ``best_expert``) and every component's private latent (its posterior location), joins the design's
-normalised conditions, and fits a Gaussian mixture with full covariances to these vectors (one component: a Gaussian). A design for requested conditions c draws its
-latents from the mixture's conditional given c, so latents and conditions keep their joint distribution.
-This is a departure from the paper (an ex-post density estimate, as in Ghosh et al. 2020, "From variational
+normalised conditions, and fits a Gaussian mixture with full covariances to these vectors (one component: a
+Gaussian). A design for requested conditions c draws its latents from the mixture's conditional given c, so
+latents and conditions keep their joint distribution. This is a departure from the paper (an ex-post density estimate, as in Ghosh et al. 2020, "From variational
 to deterministic autoencoders"); ``model.latent_sampler: prior`` keeps the paper's sampler, and the fitted
 prior only changes unconditional generation (completions and training are untouched).
 
@@ -170,8 +170,8 @@ def fit_prior(model, images: torch.Tensor, conditions: torch.Tensor, components:
         mixture = GaussianMixture(components, covariance_type="full", reg_covar=REG_COVAR, random_state=seed,
                                   max_iter=200, n_init=1).fit(data)
         weights, mean, cov = mixture.weights_, mixture.means_, mixture.covariances_
-    log.info("fitted prior: %d component(s) over %d latent dimensions (z from expert %d) and %d conditions, %d designs",
-             components, latents.shape[1], expert, conditions.shape[1], len(data))
+    log.info("fitted prior: %d component(s) over %d latent dimensions (z from expert %d) and %d conditions, "
+             "%d designs", components, latents.shape[1], expert, conditions.shape[1], len(data))
     return FittedPrior(torch.from_numpy(np.asarray(weights, dtype=np.float64)),
                        torch.from_numpy(np.asarray(mean, dtype=np.float64)),
                        torch.from_numpy(np.asarray(cov, dtype=np.float64)), latents.shape[1], len(data), expert)
