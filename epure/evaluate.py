@@ -508,8 +508,8 @@ def write_evaluation(result: EvaluationResult, loaded: LoadedModel, split: Split
     with torch.inference_mode():
         (made,) = generate(loaded, split.conditions[:count], batch_size=count, seed=seed,
                            sampler=result.info.get("latent_sampler"))
-    threshold = result.info["options"]["threshold"]
-    save_png(grid([[composite(split.images[i]), *made[i], composite(made[i] > threshold)] for i in range(count)]),
+    masks = design_masks(made, loaded.exclusive_components, result.info["options"]["threshold"])  # as scored
+    save_png(grid([[composite(split.images[i]), *made[i], composite(masks[i])] for i in range(count)]),
              samples)
     return [out, completions, samples]
 

@@ -454,7 +454,7 @@ def progress_images(loaded: LoadedModel, images: np.ndarray, raw_conditions: np.
                     count: int = 8, seed: int = 0) -> dict[str, Image.Image]:
     """The pictures logged while training: prior samples, the cross-component matrix, colour composites."""
     (samples,) = generate(loaded, raw_conditions[:count], batch_size=count, seed=seed)
-    composites = grid([[composite(s > loaded.threshold) for s in samples]])
+    composites = grid([[composite(s) for s in design_masks(samples, loaded.exclusive_components, loaded.threshold)]])
     return {"samples/unconditional": design_grid(samples),
             "samples/cross_matrix": cross_matrix_image(loaded, images, raw_conditions, seed),
             "samples/composites": composites}
