@@ -62,6 +62,7 @@ class ModelConfig:
     decoder_nf: int = 0  # the decoders' widths (0: nf, nf_max): they decide each pixel, the encoders only summarise
     decoder_nf_max: int = 0
     decoder_output: str = "upsample"  # upsample | pixel_shuffle: how the decoders reach the mask's resolution
+    encoder_moments: bool = False  # the encoders also see each mask's shape moments (networks.mask_moments)
     cond_dim: int = 2
     cond_hidden: list[int] = field(default_factory=lambda: [128, 256])
     priorposterior: str = "Laplace"  # a latent family of epure.model.latents: Laplace | Normal

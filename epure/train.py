@@ -424,6 +424,9 @@ def set_up(cfg: Config, resume: str | Path | None, data: DataBundle | None, trac
                                                                         allow_data_change)
     precision = resolve_precision(tc.precision, device)
     model = MMVAEPlus(cfg.model, cfg.data.components, cfg.data.image_size).to(device)
+    if checkpoint is None:
+        model.standardise_moments(torch.from_numpy(data.train.images),
+                                  torch.from_numpy(data.train.available))
     if resolve_compile(tc.compile, device):
         compile_networks([*model.encoders, *model.decoders])
     state = TrainState(model, make_optimizer(model, tc), cfg,

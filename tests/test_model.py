@@ -14,6 +14,7 @@ from epure.model import MMVAEPlus, forward_objective, reference
 from epure.model.generation import completion_probabilities, unconditional_probabilities
 from epure.model.likelihoods import log_likelihood
 from epure.model.mmvae import Posteriors
+from epure.model.networks import MOMENTS, mask_moments
 from epure.model.objectives import draw_latents, draw_strata
 from epure.model.reference import StraightforwardModel
 
@@ -69,6 +70,35 @@ def test_foreground_weight_moves_the_optimum_to_the_weighted_odds() -> None:
             (-log_likelihood(logit.expand(3, 1, 1), targets, "bernoulli", 0.75, weight).sum()).backward()
             optimizer.step()
         assert torch.sigmoid(logit).item() == pytest.approx(expected, abs=1e-3)
+
+
+def test_mask_moments_of_a_rectangle() -> None:
+    """An h x w block at (r, c): area h w, centre (r + (h-1)/2, c + (w-1)/2), spreads sqrt((h^2-1)/12) and
+    sqrt((w^2-1)/12), no correlation, perimeter 2 (h + w); a tilted bar correlates; an empty mask is zero."""
+    x = torch.zeros(3, 1, 64, 32)
+    x[0, 0, 10:16, 4:7] = 1.0  # 6 x 3
+    x[1, 0, torch.arange(20, 30), torch.arange(5, 15)] = 1.0  # a diagonal going down and right
+    moments = mask_moments(x)
+    expected = [math.sqrt(18), 12.5, 5.0, math.sqrt(35 / 12), math.sqrt(8 / 12), 0.0, math.sqrt(18)]
+    torch.testing.assert_close(moments[0], torch.tensor(expected), atol=1e-3, rtol=0)
+    assert moments.shape == (3, MOMENTS) and moments[1, 5] > 0.99
+    assert torch.all(moments[2, [0, 6]] == 0)
+
+
+def test_moment_standardisation_leaves_missing_components_out() -> None:
+    """A missing component's blank mask is no design's shape: only the available masks set its moments."""
+    components = ["a", "b"]
+    cfg = tiny_config(None, ".", components, **{"model.encoder_moments": True})
+    model = MMVAEPlus(cfg.model, components, cfg.data.image_size)
+    g = torch.Generator().manual_seed(0)
+    images = ((torch.rand(10, 2, 64, 32, generator=g) > 0.8) * 255).to(torch.uint8)
+    available = torch.ones(10, 2, dtype=torch.bool)
+    images[:4, 1], available[:4, 1] = 0, False
+    model.standardise_moments(images, available)
+    present = mask_moments(images[4:, 1:2].float() / 255)
+    torch.testing.assert_close(model.encoders[1].moment_loc, present.mean(0))
+    torch.testing.assert_close(model.encoders[1].moment_scale, present.std(0))
+    torch.testing.assert_close(model.encoders[0].moment_loc, mask_moments(images[:, :1].float() / 255).mean(0))
 
 
 def test_decoders_take_their_own_width() -> None:

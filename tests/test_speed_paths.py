@@ -26,11 +26,16 @@ TOLERANCE = 1e-5  # relative, float32
 FLOAT64_TOLERANCE = 1e-10
 
 
-def small_model(m: int, family: str, decoder_output: str = "upsample") -> MMVAEPlus:
+def small_model(m: int, family: str, decoder_output: str = "upsample", moments: bool = False) -> MMVAEPlus:
+    """With ``moments``, the encoders see the masks' shape moments, standardised on random masks like the tests'
+    (not by 0 and 1)."""
     components = [f"c{i}" for i in range(m)]
-    cfg = tiny_config(None, ".", components, **{"model.priorposterior": family, "model.decoder_output": decoder_output})
+    cfg = tiny_config(None, ".", components, **{"model.priorposterior": family, "model.decoder_output": decoder_output,
+                                                "model.encoder_moments": moments})
     torch.manual_seed(0)
-    return MMVAEPlus(cfg.model, components, cfg.data.image_size)
+    model = MMVAEPlus(cfg.model, components, cfg.data.image_size)
+    model.standardise_moments((torch.rand(32, m, 64, 32) > 0.6).to(torch.uint8) * 255)  # as the tests' masks
+    return model
 
 
 def loss_and_gradients(model: MMVAEPlus, x, c, objective: str, k: int, straightforward: bool):
@@ -45,13 +50,14 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return (torch.linalg.norm(a - b) / torch.linalg.norm(b)).item()
 
 
-@pytest.mark.parametrize("family,decoder_output", [("Laplace", "upsample"), ("Normal", "upsample"),
-                                                   ("Normal", "pixel_shuffle")])
+@pytest.mark.parametrize("family,decoder_output,moments", [("Laplace", "upsample", False),
+                                                           ("Normal", "upsample", False),
+                                                           ("Normal", "pixel_shuffle", True)])
 @pytest.mark.parametrize("objective,k", [("elbo", 1), ("dreg", 3)])
 @pytest.mark.parametrize("m", [3, 5])
 def test_fast_and_straightforward_paths_agree(m: int, objective: str, k: int, family: str,
-                                              decoder_output: str) -> None:
-    model = small_model(m, family, decoder_output)
+                                              decoder_output: str, moments: bool) -> None:
+    model = small_model(m, family, decoder_output, moments)
     g = torch.Generator().manual_seed(m)
     x, c = (torch.rand(4, m, 64, 32, generator=g) > 0.6).float(), torch.randn(4, 2, generator=g)
     fast_loss, fast_grads = loss_and_gradients(model, x, c, objective, k, straightforward=False)
@@ -76,8 +82,8 @@ def test_chunked_backward_equals_the_one_graph_backward(m: int, objective: str, 
     the examples and a target's sources; with every available source a stratum, or 2 of them drawn (then the
     chunked backward decodes those alone, the one graph decodes every pair). In float64, so that every
     parameter's gradient is checked on its own (in float32 a small one, like the auxiliary priors', differs by a
-    relative 1e-5 from summation order)."""
-    model = small_model(m, "Laplace").double()
+    relative 1e-5 from summation order). The five-component cases' encoders also see shape moments."""
+    model = small_model(m, "Laplace", moments=m == 5).double()
     g = torch.Generator().manual_seed(10 + m)
     x, c = (torch.rand(7, m, 64, 32, generator=g) > 0.6).double(), torch.randn(7, 2, generator=g).double()
     available = torch.ones(7, m, dtype=torch.bool)
@@ -126,7 +132,7 @@ def test_networks_split_into_chunks_compute_what_one_call_does(monkeypatch: pyte
 
 
 def test_sampling_paths_agree() -> None:
-    model = small_model(3, "Laplace").eval()
+    model = small_model(3, "Laplace", moments=True).eval()
     reference = StraightforwardModel(model)
     g = torch.Generator().manual_seed(1)
     x, c = (torch.rand(4, 3, 64, 32, generator=g) > 0.6).float(), torch.randn(4, 2, generator=g)

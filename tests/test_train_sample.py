@@ -20,6 +20,7 @@ from epure.data import load_data, load_split
 from epure.evaluate import EvaluationOptions, evaluate
 from epure.model import MMVAEPlus
 from epure.metrics import best_threshold, design_masks
+from epure.model.networks import MOMENTS
 from epure.model.generation import self_reconstructions
 from epure.sample import (NEAREST_ROWS, SamplingError, component_indices, complete, draw_conditions,
                           fixed_conditions, generate, write_unconditional)
@@ -215,6 +216,30 @@ def test_training_calibrates_the_threshold_that_masks_use(dataset, tmp_path) -> 
     plain = train(tiny_config(dataset, tmp_path / "plain", COMPONENTS, **{"train.max_steps": 2}))
     assert load_model(plain.run_dir).threshold == 0.5
     assert "threshold" not in (plain.run_dir / "metrics.csv").read_text().splitlines()[0]
+
+
+def test_training_standardises_the_encoders_shape_moments_and_keeps_them(dataset, tmp_path) -> None:
+    """With model.encoder_moments, each encoder's moments are standardised by its training masks before the
+    first step (mean 0, spread 1 over them), and the checkpoint
+    carries the standardisation: the loaded model encodes as the trained one did."""
+    cfg = tiny_config(dataset, tmp_path / "out", COMPONENTS, **{"train.max_steps": 2, "model.encoder_moments": True})
+    result = train(cfg)
+    loaded = load_model(result.run_dir, prefer="last")
+    train_images = torch.from_numpy(load_data(cfg.data).train.images).float() / 255
+    for m, encoder in enumerate(loaded.model.encoders):
+        standardised = encoder.standardised_moments(train_images[:, m: m + 1])
+        torch.testing.assert_close(standardised.mean(0), torch.zeros(MOMENTS), atol=1e-4, rtol=0)
+        torch.testing.assert_close(standardised.std(0), torch.ones(MOMENTS), atol=1e-4, rtol=0)
+    x, c = train_images[:3], torch.zeros(3, 2)
+    assert all(e.w_tower.head.in_features == loaded.model.encoders[0].w_tower.head.in_features for e in
+               loaded.model.encoders)
+    with torch.no_grad():
+        moved = [e.moment_loc.clone() for e in loaded.model.encoders]
+        before = loaded.model.encode(x, loaded.model.cond(c)).w_loc
+        for encoder in loaded.model.encoders:
+            encoder.moment_loc.zero_()
+        assert not torch.allclose(loaded.model.encode(x, loaded.model.cond(c)).w_loc, before)  # the moments count
+    assert all(bool(loc.abs().sum() > 0) for loc in moved)
 
 
 class Recorder(NullTracker):

@@ -28,7 +28,7 @@ from torch import nn
 
 from epure.config import ModelConfig
 from epure.model.latents import FAMILIES
-from epure.model.networks import ConditionMLP, Decoder, Encoder, at_least_float32
+from epure.model.networks import ConditionMLP, Decoder, Encoder, at_least_float32, mask_moments
 
 
 # The networks run on chunks of rows: on the CPU a chunk's feature maps stay in the caches and its allocations
@@ -71,7 +71,7 @@ class MMVAEPlus(nn.Module):
         self.cond = ConditionMLP(cfg.cond_dim, cfg.cond_hidden)  # normalised conditions -> their embedding
         features = self.cond.out_features
         self.encoders = nn.ModuleList([Encoder(self.image_size, cfg.nf, cfg.nf_max, features, cfg.latent_dim_w,
-                                               cfg.latent_dim_z) for _ in components])
+                                               cfg.latent_dim_z, cfg.encoder_moments) for _ in components])
         decoder_nf, decoder_nf_max = cfg.decoder_nf or cfg.nf, cfg.decoder_nf_max or cfg.nf_max
         self.decoders = nn.ModuleList([Decoder(self.image_size, decoder_nf, decoder_nf_max, features, cfg.latent_dim_u,
                                                cfg.decoder_output) for _ in components])
@@ -82,6 +82,21 @@ class MMVAEPlus(nn.Module):
         # at the priors' scale 1.
         self.aux_raw_scale = nn.Parameter(torch.full((len(components), cfg.latent_dim_w),
                                                      self.family.raw_scale_of_one))
+
+    @torch.no_grad()
+    def standardise_moments(self, images: torch.Tensor, available: torch.Tensor | None = None) -> None:
+        """With ``model.encoder_moments``, each encoder's moment standardisation from the training designs
+        ``images`` (uint8 [N, M, H, W]), counting only a component's ``available`` [N, M] masks (None: all);
+        set once, before the first step, and saved with the weights. 256 designs at a time: the moments' float
+        temporaries of a whole split would outweigh the training step's memory."""
+        if not self.cfg.encoder_moments:
+            return
+        moments = torch.cat([mask_moments(images[start: start + 256].flatten(0, 1)[:, None].float().div(255))
+                             .unflatten(0, (-1, self.num_components)) for start in range(0, len(images), 256)])
+        for m, encoder in enumerate(self.encoders):
+            rows = moments[:, m] if available is None else moments[available[:, m], m]
+            if len(rows) > 1:  # a component (almost) never present keeps the moments as they are
+                encoder.standardise_moments(rows)
 
     @property
     def num_components(self) -> int:

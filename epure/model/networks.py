@@ -22,6 +22,7 @@ from torch.nn import functional as F
 from epure.model.convolutions import MaskConv2d, PointwiseConv2d, UpsampleConv2d, channels_last
 
 DOWNSAMPLINGS = 3
+MOMENTS = 7  # shape moments an encoder may see beside its convolutions (mask_moments)
 
 
 def at_least_float32(t: torch.Tensor) -> torch.Tensor:
@@ -59,35 +60,84 @@ class ResBlock(nn.Module):
         return skip + h
 
 
-class EncoderTower(nn.Module):
-    """One mask -> (loc, raw scale) of a latent, with the condition embedding joined before the head."""
+def mask_moments(x: torch.Tensor) -> torch.Tensor:
+    """Seven shape numbers of each mask x [B, 1, H, W] in [0, 1] -> [B, 7], in pixels: the square root of the
+    area, the centre of mass (row, column), the spread about it along each axis (standard deviations) and
+    their correlation (second moments), and the square root of the perimeter (pixel edges, as a total
+    variation).
 
-    def __init__(self, image_size: tuple[int, int], nf: int, nf_max: int, cond_features: int, latent_dim: int):
+    Why: a small part's size and a band's thickness are sums over a few boundary pixels wherever the part
+    sits; a narrow convolution tower learns to count them slowly, while these sums state them outright.
+    """
+    x = x.float()
+    h, w = x.shape[-2:]
+    rows = torch.arange(h, dtype=x.dtype, device=x.device)[:, None]
+    cols = torch.arange(w, dtype=x.dtype, device=x.device)[None, :]
+    area = x.sum(dim=(-2, -1))
+    mass = area.clamp_min(1e-3)
+    cy, cx = (x * rows).sum(dim=(-2, -1)) / mass, (x * cols).sum(dim=(-2, -1)) / mass
+    dy, dx = rows - cy[..., None, None], cols - cx[..., None, None]
+    vy, vx = (x * dy**2).sum(dim=(-2, -1)) / mass, (x * dx**2).sum(dim=(-2, -1)) / mass
+    cov = (x * dy * dx).sum(dim=(-2, -1)) / mass
+    padded = F.pad(x, (1, 1, 1, 1))
+    edges = padded.diff(dim=-2).abs().sum(dim=(-2, -1)) + padded.diff(dim=-1).abs().sum(dim=(-2, -1))
+    return torch.cat([area.sqrt(), cy, cx, (vy + 1e-6).sqrt(), (vx + 1e-6).sqrt(),
+                      cov / ((vy * vx).sqrt() + 1e-6), edges.sqrt()], dim=-1)
+
+
+class EncoderTower(nn.Module):
+    """One mask -> (loc, raw scale) of a latent, with the condition embedding (and ``moments`` more inputs, the
+    mask's standardised shape moments, when the encoder is given them) joined before the head."""
+
+    def __init__(self, image_size: tuple[int, int], nf: int, nf_max: int, cond_features: int, latent_dim: int,
+                 moments: int = 0):
         super().__init__()
         channels = stage_channels(nf, nf_max)
         self.stem = nn.Conv2d(1, channels[0], 3, padding=1)
         self.blocks = nn.Sequential(*[ResBlock(channels[i], channels[i + 1], "down") for i in range(DOWNSAMPLINGS)])
         flat = channels[-1] * (image_size[0] >> DOWNSAMPLINGS) * (image_size[1] >> DOWNSAMPLINGS)
-        self.head = nn.Linear(flat + cond_features, 2 * latent_dim)
+        self.head = nn.Linear(flat + cond_features + moments, 2 * latent_dim)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor,
+                moments: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         h = F.silu(self.blocks(self.stem(x))).flatten(1)
-        loc, raw_scale = self.head(torch.cat([h, cond], dim=1)).chunk(2, dim=1)
+        joined = [h, cond] if moments is None else [h, cond, moments.to(h.dtype)]
+        loc, raw_scale = self.head(torch.cat(joined, dim=1)).chunk(2, dim=1)
         return loc, raw_scale
 
 
 class Encoder(nn.Module):
-    """Per component: two towers, one for the private latent w and one for the shared latent z."""
+    """Per component: two towers, one for the private latent w and one for the shared latent z; with
+    ``moments``, both also see the mask's shape moments (``mask_moments``), standardised by the training
+    designs' mean and spread (``standardise_moments``)."""
 
-    def __init__(self, image_size, nf, nf_max, cond_features, latent_dim_w, latent_dim_z):
+    def __init__(self, image_size, nf, nf_max, cond_features, latent_dim_w, latent_dim_z, moments: bool = False):
         super().__init__()
-        self.w_tower = EncoderTower(image_size, nf, nf_max, cond_features, latent_dim_w)
-        self.z_tower = EncoderTower(image_size, nf, nf_max, cond_features, latent_dim_z)
+        self.moments = moments
+        extra = MOMENTS if moments else 0
+        self.w_tower = EncoderTower(image_size, nf, nf_max, cond_features, latent_dim_w, extra)
+        self.z_tower = EncoderTower(image_size, nf, nf_max, cond_features, latent_dim_z, extra)
+        if moments:
+            self.register_buffer("moment_loc", torch.zeros(MOMENTS))
+            self.register_buffer("moment_scale", torch.ones(MOMENTS))
+
+    @torch.no_grad()
+    def standardise_moments(self, moments: torch.Tensor) -> None:
+        """Standardise by the mean and spread of ``moments`` [N, MOMENTS] (``mask_moments`` of the training
+        masks): each then varies by about one, as the head's other inputs do, so a part's size is used from the
+        first steps instead of after the head's weights have grown for thousands."""
+        self.moment_loc.copy_(moments.mean(0))
+        self.moment_scale.copy_(moments.std(0).nan_to_num(1.0).clamp_min(1e-3))
+
+    def standardised_moments(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x [B, 1, H, W] -> its standardised moments [B, MOMENTS], or None without ``moments``."""
+        return (mask_moments(x) - self.moment_loc) / self.moment_scale if self.moments else None
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor):
         """x [B, 1, H, W] -> (w_loc, w_raw_scale, z_loc, z_raw_scale)."""
+        moments = self.standardised_moments(x)
         x = channels_last(x)
-        return (*self.w_tower(x, cond), *self.z_tower(x, cond))
+        return (*self.w_tower(x, cond, moments), *self.z_tower(x, cond, moments))
 
 
 class Decoder(nn.Module):

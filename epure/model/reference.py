@@ -41,8 +41,9 @@ class StraightforwardModel:
         outs = []
         for m in which:
             encoder = self.model.encoders[m]
-            outs.append((*tower(encoder.w_tower, x[:, m: m + 1], cond_emb),
-                         *tower(encoder.z_tower, x[:, m: m + 1], cond_emb)))
+            moments = encoder.standardised_moments(x[:, m: m + 1])
+            outs.append((*tower(encoder.w_tower, x[:, m: m + 1], cond_emb, moments),
+                         *tower(encoder.z_tower, x[:, m: m + 1], cond_emb, moments)))
         w_loc, w_raw, z_loc, z_raw = (at_least_float32(torch.stack(t, dim=1)) for t in zip(*outs))
         family = self.model.family
         return Posteriors(w_loc, family.scale(w_raw), z_loc, family.scale(z_raw))
@@ -74,11 +75,13 @@ def res_block(block: ResBlock, x: torch.Tensor) -> torch.Tensor:
     return skip + conv(block.conv2, F.silu(h))
 
 
-def tower(encoder_tower: EncoderTower, x: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def tower(encoder_tower: EncoderTower, x: torch.Tensor, cond: torch.Tensor,
+          moments: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     h = conv(encoder_tower.stem, x)
     for block in encoder_tower.blocks:
         h = res_block(block, h)
-    loc, raw_scale = encoder_tower.head(torch.cat([F.silu(h).flatten(1), cond], dim=1)).chunk(2, dim=1)
+    joined = [F.silu(h).flatten(1), cond] + ([] if moments is None else [moments])
+    loc, raw_scale = encoder_tower.head(torch.cat(joined, dim=1)).chunk(2, dim=1)
     return loc, raw_scale
 
 
