@@ -8,9 +8,10 @@ where the training designs' posteriors are: it encodes the train split, takes ea
 ``best_expert``) and every component's private latent (its posterior location), joins the design's
 normalised conditions, and fits a Gaussian mixture with full covariances to these vectors (one component: a
 Gaussian). A design for requested conditions c draws its latents from the mixture's conditional given c, so
-latents and conditions keep their joint distribution. This is a departure from the paper (an ex-post density estimate, as in Ghosh et al. 2020, "From variational
-to deterministic autoencoders"); ``model.latent_sampler: prior`` keeps the paper's sampler, and the fitted
-prior only changes unconditional generation (completions and training are untouched).
+latents and conditions keep their joint distribution. This is a departure from the paper (an ex-post density
+estimate, as in Ghosh et al. 2020, "From variational to deterministic autoencoders"); ``model.latent_sampler:
+prior`` keeps the paper's sampler, and the fitted prior only changes unconditional generation (completions and
+training are untouched).
 
 It travels in the checkpoint as tensors and plain values (``to_state``), so ``torch.load(weights_only=True)``
 reads it.

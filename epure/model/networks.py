@@ -127,7 +127,7 @@ class Encoder(nn.Module):
         masks): each then varies by about one, as the head's other inputs do, so a part's size is used from the
         first steps instead of after the head's weights have grown for thousands."""
         self.moment_loc.copy_(moments.mean(0))
-        self.moment_scale.copy_(moments.std(0).nan_to_num(1.0).clamp_min(1e-3))
+        self.moment_scale.copy_(moments.std(0).clamp_min(1e-3))
 
     def standardised_moments(self, x: torch.Tensor) -> torch.Tensor | None:
         """x [B, 1, H, W] -> its standardised moments [B, MOMENTS], or None without ``moments``."""
