@@ -9,8 +9,11 @@ Each ``--variant NAME KEY=VALUE ...`` trains with those config overrides (values
 evaluated on the test split; a table and a JSON (``--out``) hold the headline metrics of every variant.
 Unconditional designs are drawn with every sampler of ``--samplers`` (default: the priors p(z) p(w) and the
 fitted prior), one row each, from the same trained model; ``--fit-components 1 8`` also refits the fitted
-prior with that many Gaussians to the same model's training latents (one row each), so samplers are
-compared on one set of weights.
+prior with that many Gaussians to the same model's training latents (one row each), and ``--fit LABEL
+KEY=VALUE ...`` with other ``model.fitted_prior_*`` settings, so samplers are compared on one set of weights:
+
+    python benchmarks/ablation.py --run shipped RUN --samplers fitted \\
+        --fit best model.fitted_prior_z=best --fit own model.fitted_prior_z=own
 """
 
 from __future__ import annotations
@@ -40,35 +43,41 @@ HEADLINE = ["cross_iou", "self_iou", "uncond/union_one_piece", "uncond/all_one_p
             "diversity/pairwise_iou"]
 
 
-def parse_variants(raw: list[list[str]]) -> dict[str, dict]:
+def parse_variants(raw: list[list[str]], flag: str = "--variant") -> dict[str, dict]:
     variants = {}
     for name, *pairs in raw:
-        variants[name] = parse_overrides(pairs, option=f"--variant {name}")
+        variants[name] = parse_overrides(pairs, option=f"{flag} {name}")
     return variants
 
 
-def samplers(loaded, designs, names: list[str], fit_components: list[int]):
+def samplers(loaded, designs, names: list[str], fit_components: list[int], fits: dict[str, dict]):
     """(label, sampler, fitted prior) for each way of drawing unconditional latents from one trained model."""
+    refits = {f"fitted x{count}": {"model.fitted_prior_components": count} for count in fit_components}
+    refits.update({f"fitted {label}": overrides for label, overrides in fits.items()})
     for name in names:
         if name == "prior":
             yield "prior", "prior", loaded.fitted_prior
-        elif not fit_components:
+        elif not refits:
             yield "fitted", "fitted", loaded.fitted_prior
-    if "fitted" in names and fit_components:
+    if "fitted" in names and refits:
         x = torch.from_numpy(designs.images)
         c = torch.from_numpy(loaded.normalizer.normalize(designs.conditions))
-        for count in fit_components:
-            yield f"fitted x{count}", "fitted", fit_prior(loaded.model, x, c, count, loaded.config.train.seed)
+        for label, overrides in refits.items():
+            m = loaded.config.updated(overrides).model
+            yield label, "fitted", fit_prior(loaded.model, x, c, m.fitted_prior_components, loaded.config.train.seed,
+                                             z_from=m.fitted_prior_z, kept_variance=m.fitted_prior_kept_variance)
 
 
 def reconstruction_scores(loaded, test, limit: int, seed: int = 0) -> dict[str, float]:
     """Diversity of the test designs' own reconstructions (decoded from their posterior locations, z from the
-    fitted prior's expert, with their own conditions): the most a sampler of such latents can reach."""
+    fitted prior's expert or each component's own, with their own conditions): the most a sampler of such
+    latents can reach."""
     test = test.subset(np.arange(min(limit, len(test))))
     c = torch.from_numpy(loaded.normalizer.normalize(test.conditions))
     with torch.inference_mode():
-        expert = loaded.fitted_prior.expert if loaded.fitted_prior is not None else None
-        latents = design_latents(loaded.model, torch.from_numpy(test.images), c, expert=expert).float()
+        fit = loaded.fitted_prior
+        latents = design_latents(loaded.model, torch.from_numpy(test.images), c, expert=fit and fit.expert,
+                                 own_z=bool(fit and fit.own_z)).float()
         made = np.concatenate([binarize(latent_probabilities(loaded.model, latents[i: i + 256], c[i: i + 256]).numpy())
                                for i in range(0, len(test), 256)])
     scores, _ = diversity_scores(made, binarize(test.images), None, seed)
@@ -91,6 +100,8 @@ def main() -> None:
     parser.add_argument("--samplers", nargs="+", default=["prior", "fitted"], choices=["prior", "fitted"])
     parser.add_argument("--fit-components", nargs="+", type=int, default=[],
                         help="refit the fitted prior with these numbers of Gaussians (default: the checkpoint's fit)")
+    parser.add_argument("--fit", nargs="+", action="append", default=[], metavar="LABEL KEY=VALUE",
+                        help="refit the fitted prior with these model.fitted_prior_* overrides, one row each")
     parser.add_argument("--reconstructions", action="store_true",
                         help="also a row of the test designs' own reconstructions: the ceiling of any sampler")
     parser.add_argument("--output-dir", default="outputs/ablation")
@@ -105,6 +116,7 @@ def main() -> None:
     results = {}
     # every variant's config is built (and validated) before the first one trains
     variants = parse_variants(args.variant)
+    fits = parse_variants(args.fit, "--fit")
     jobs = [(name, overrides, base.updated(overrides), None) for name, overrides in variants.items()]
     jobs += [(name, {}, None, Path(run_dir)) for name, run_dir in args.run]
     for name, overrides, cfg, run_dir in jobs:
@@ -116,7 +128,7 @@ def main() -> None:
         loaded = load_model(run_dir, prefer="last")
         data = load_data(loaded.config.data)
         designs = training_split(loaded)
-        for label, sampler, fitted in samplers(loaded, designs, args.samplers, args.fit_components):
+        for label, sampler, fitted in samplers(loaded, designs, args.samplers, args.fit_components, fits):
             loaded.fitted_prior = fitted
             options = EvaluationOptions(limit=args.eval_limit, bootstrap=0, latent_sampler=sampler, draws=args.draws)
             metrics = evaluate(loaded, data.test, options, designs).flat()

@@ -256,10 +256,13 @@ def stored_fitted_prior(path: Path, state: dict[str, Any], config: Config, compo
         fitted = None if fitted is None else FittedPrior.from_state(fitted)
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: its fitted_prior is damaged ({type(err).__name__}: {err})") from err
-    latent_dim = config.model.latent_dim_z + len(components) * config.model.latent_dim_w
-    if fitted is not None and fitted.latent_dim != latent_dim:
-        raise CheckpointError(f"{path}: its fitted_prior covers {fitted.latent_dim} latent dimensions, the model has "
-                              f"{latent_dim} (latent_dim_z + components x latent_dim_w)")
+    m, dz, dw = len(components), config.model.latent_dim_z, config.model.latent_dim_w
+    latent_dim = (dz + dw) * m if fitted is not None and fitted.own_z else dz + m * dw
+    if fitted is not None and fitted.output_dim != latent_dim:
+        rule = ("components x (latent_dim_z + latent_dim_w)" if fitted.own_z
+                else "latent_dim_z + components x latent_dim_w")
+        raise CheckpointError(f"{path}: its fitted_prior covers {fitted.output_dim} latent dimensions, the model has "
+                              f"{latent_dim} ({rule})")
     return fitted
 
 

@@ -79,6 +79,8 @@ class ModelConfig:
     cross_prior: str = "prior"  # completion: unobserved components' private latents from p(w) (paper) or r_m(w) (aux)
     latent_sampler: str = "prior"  # unconditional designs' latents from the priors (paper) or the fitted prior
     fitted_prior_components: int = 1  # Gaussians in the fitted prior (fitted at the run's end; fitted_prior.py)
+    fitted_prior_z: str = "best"  # best: one expert's z decodes every component; own: each component its own expert's
+    fitted_prior_kept_variance: float = 1.0  # < 1: fit only the principal directions of the latents holding this share
     calibrate_threshold: bool = False  # masks above the threshold validation calls for, not 0.5 (best_threshold)
 
 
@@ -326,6 +328,9 @@ def validate_model(m: ModelConfig, d: DataConfig) -> None:
         raise ConfigError(f"model.foreground_weight must be positive, got {m.foreground_weight}")
     if m.beta < 0:
         raise ConfigError(f"model.beta must be >= 0, got {m.beta}")
+    if not 0 < m.fitted_prior_kept_variance <= 1:
+        raise ConfigError(f"model.fitted_prior_kept_variance must be in (0, 1] (1: every direction), got "
+                          f"{m.fitted_prior_kept_variance}")
 
 
 def validate_choices(config: Config) -> None:
@@ -339,6 +344,7 @@ def validate_choices(config: Config) -> None:
         "model.objective": (m.objective, list(objectives)),
         "model.cross_prior": (m.cross_prior, list(cross_priors)),
         "model.latent_sampler": (m.latent_sampler, list(latent_samplers)),
+        "model.fitted_prior_z": (m.fitted_prior_z, ["best", "own"]),
         "model.decoder_output": (m.decoder_output, ["upsample", "pixel_shuffle"]),
         "train.device": (t.device, ["auto", "cpu", "cuda", "mps"]),
         "train.precision": (t.precision, ["auto", "fp32", "bf16"]),

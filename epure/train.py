@@ -672,8 +672,9 @@ def calibrate_threshold(session: Session) -> float:
 def fit_session_prior(session: Session, model: MMVAEPlus) -> FittedPrior | None:
     """The density unconditional designs may draw their latents from (model.latent_sampler: fitted), fitted to
     ``model``'s latents of the training designs."""
-    return fit_prior(model, session.train_x, session.train_c, session.cfg.model.fitted_prior_components,
-                     session.cfg.train.seed, session.train_a.all(dim=1))
+    m = session.cfg.model
+    return fit_prior(model, session.train_x, session.train_c, m.fitted_prior_components, session.cfg.train.seed,
+                     session.train_a.all(dim=1), m.fitted_prior_z, m.fitted_prior_kept_variance)
 
 
 def fit_best_checkpoint(session: Session) -> dict[str, Any] | None:

@@ -12,9 +12,10 @@ from typer.testing import CliRunner
 
 from epure.checkpoint import CheckpointError, load_model, read_checkpoint, save_checkpoint
 from epure.cli import app
+from epure.config import ConfigError, config_from_dict
 from epure.data import load_data, load_split
 from epure.evaluate import EvaluationError, EvaluationOptions, evaluate
-from epure.model.fitted_prior import FittedPrior, best_expert, design_latents, fit_prior
+from epure.model.fitted_prior import FittedPrior, best_expert, design_latents, fit_prior, principal_basis
 from epure.model.generation import latent_probabilities
 from epure.sample import SamplingError, generate
 from epure import train as train_module
@@ -99,6 +100,98 @@ def test_a_gaussian_fit_is_the_latents_mean_and_covariance(trained) -> None:
     assert fit_prior(loaded.model, x, c, complete=torch.zeros(len(x), dtype=torch.bool)) is None
     mixture = fit_prior(loaded.model, x, c, components=2)
     assert mixture.weights.shape == (2,) and mixture.weights.sum().item() == pytest.approx(1.0)
+
+
+def test_principal_basis_keeps_the_fewest_directions_holding_the_share() -> None:
+    """Independent coordinates of variance 9, 4, 1 and 0.01 (shares 0.64, 0.93, 0.9993, 1): 0.95 keeps the first
+    three axes, 0.9 two, 1.0 all four; the rows are orthonormal and the center is the mean."""
+    rng = np.random.default_rng(0)
+    latents = rng.standard_normal((20_000, 4)) * np.sqrt([9.0, 4.0, 1.0, 0.01]) + [1.0, -2.0, 0.5, 3.0]
+    basis, center = principal_basis(latents, 0.95)
+    assert basis.shape == (3, 4)
+    np.testing.assert_allclose(np.abs(basis), np.eye(4)[:3], atol=0.02)
+    np.testing.assert_allclose(basis @ basis.T, np.eye(3), atol=1e-10)
+    np.testing.assert_allclose(center, latents.mean(0))
+    assert principal_basis(latents, 0.9)[0].shape == (2, 4) and principal_basis(latents, 1.0)[0].shape == (4, 4)
+
+
+def test_draws_through_a_basis_stay_in_its_span() -> None:
+    """A mixture over two fitted coordinates maps back to center + x basis: every draw lies in the plane the
+    basis spans through the center, with the fitted coordinates' mean and spread along it."""
+    basis = torch.tensor([[0.6, 0.8, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    center = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    prior = FittedPrior(torch.ones(1, dtype=torch.float64), torch.tensor([[2.0, -1.0, 0.0]], dtype=torch.float64),
+                        torch.diag(torch.tensor([0.25, 4.0, 1.0], dtype=torch.float64))[None], 2, 10,
+                        basis=basis, center=center)
+    assert prior.output_dim == 3
+    drawn = prior.sample(torch.zeros(20_000, 1), torch.Generator().manual_seed(0)).double()
+    normal = torch.tensor([0.8, -0.6, 0.0], dtype=torch.float64)  # orthogonal to both rows
+    assert ((drawn - center) @ normal).abs().max().item() < 1e-5
+    coords = (drawn - center) @ basis.T
+    torch.testing.assert_close(coords.mean(0), torch.tensor([2.0, -1.0], dtype=torch.float64), atol=0.05, rtol=0)
+    torch.testing.assert_close(coords.std(0), torch.tensor([0.5, 2.0], dtype=torch.float64), atol=0.05, rtol=0)
+    again = FittedPrior.from_state(prior.to_state())
+    torch.testing.assert_close(again.basis, basis)
+    torch.testing.assert_close(again.center, center)
+    older = {k: v for k, v in prior.to_state().items() if k not in ("basis", "center", "own_z")}
+    assert FittedPrior.from_state(older).basis is None and not FittedPrior.from_state(older).own_z
+    with pytest.raises(ValueError, match="do not map 2 fitted dimensions back"):
+        FittedPrior.from_state({**prior.to_state(), "center": torch.zeros(2)})
+
+
+def test_own_z_fit_decodes_each_component_from_its_own_expert(trained, tmp_path) -> None:
+    """``z_from: own``: the fit covers every expert's z location and every w location (in principal directions
+    with kept_variance < 1), and a drawn design decodes component m from z_m, as the decoders saw in training."""
+    run_dir, cfg = trained
+    loaded = load_model(run_dir, prefer="last")
+    split = load_split(cfg.data.root, "train", cfg.data)
+    x = torch.from_numpy(split.images)
+    c = torch.from_numpy(loaded.normalizer.normalize(split.conditions))
+    model = loaded.model
+    with torch.no_grad():
+        post = model.encode(x.float() / 255, model.cond(c))
+    latents = design_latents(model, x, c, own_z=True)
+    assert latents.shape == (len(x), 3 * 4 + 3 * 4)
+    torch.testing.assert_close(latents[:, :12].float(), post.z_loc.flatten(1))
+    torch.testing.assert_close(latents[:, 12:].float(), post.w_loc.flatten(1))
+    # one Gaussian over all of it: the joined vectors' mean; the expert is not chosen
+    whole = fit_prior(model, x, c, components=1, z_from="own")
+    assert whole.own_z and whole.expert is None and whole.basis is None and whole.latent_dim == 24
+    torch.testing.assert_close(whole.means[0], torch.cat([latents, c.double()], 1).mean(0))
+    # decoding: component m from (w_m, z_m), checked against the decoders called by hand
+    with torch.no_grad():
+        made = latent_probabilities(model, latents[:4].float(), c[:4])
+        u = torch.cat([post.w_loc[:4], post.z_loc[:4]], dim=-1)
+        by_hand = torch.sigmoid(model.decode(u, model.cond(c[:4]))).reshape(made.shape)
+        shared = latent_probabilities(model, torch.cat([latents[:4, :4], latents[:4, 12:]], 1).float(), c[:4])
+    torch.testing.assert_close(made, by_hand)
+    assert (made[:, 1:] - shared[:, 1:]).abs().max().item() > 1e-3  # components 1, 2 no longer take expert 0's z
+    with pytest.raises(ValueError, match="latents of 23 dimensions"):
+        latent_probabilities(model, latents[:2, :23].float(), c[:2])
+    # in principal directions: fewer fitted dimensions, draws of the full width, the fit travels in checkpoints
+    flat = fit_prior(model, x, c, components=2, z_from="own", kept_variance=0.9)
+    assert flat.latent_dim < 24 and flat.basis.shape == (flat.latent_dim, 24) and flat.output_dim == 24
+    assert flat.sample(c[:5], torch.Generator().manual_seed(0)).shape == (5, 24)
+    state = read_checkpoint(run_dir / "checkpoints" / "last.pt")
+    save_checkpoint(tmp_path / "own.pt", dict(state, fitted_prior=flat.to_state()))
+    reloaded = load_model(tmp_path / "own.pt")
+    assert reloaded.fitted_prior.own_z and reloaded.fitted_prior.latent_dim == flat.latent_dim
+    (drawn,) = generate(reloaded, loaded.train_conditions[:4], batch_size=4, seed=0, sampler="fitted")
+    assert drawn.shape == (4, 3, 64, 32)
+    shared_fit = FittedPrior.from_state(state["fitted_prior"])
+    shared_fit.own_z = True  # a shared-z fit read as an every-expert one has the wrong width
+    save_checkpoint(tmp_path / "mixed.pt", dict(state, fitted_prior=shared_fit.to_state()))
+    with pytest.raises(CheckpointError, match="covers 16 latent dimensions, the model has 24"):
+        load_model(tmp_path / "mixed.pt")
+    with pytest.raises(ValueError, match="z_from must be one of best, own"):
+        fit_prior(model, x, c, z_from="mean")
+
+
+def test_fitted_prior_settings_are_checked() -> None:
+    with pytest.raises(ConfigError, match="model.fitted_prior_kept_variance must be in"):
+        config_from_dict({"model": {"fitted_prior_kept_variance": 0.0}})
+    with pytest.raises(ConfigError, match="model.fitted_prior_z"):
+        config_from_dict({"model": {"fitted_prior_z": "mean"}})
 
 
 def test_training_stores_the_fit_and_sampling_uses_it(trained, tmp_path, caplog) -> None:

@@ -46,11 +46,16 @@ def unconditional_probabilities(model: MMVAEPlus, conditions: torch.Tensor, gene
 
 @torch.no_grad()
 def latent_probabilities(model: MMVAEPlus, latents: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
-    """Whole designs from latents [N, dz + M dw] laid out as [z, w_1, ..., w_M] (``fitted_prior``'s layout)
-    -> probabilities [N, M, H, W]."""
-    n, m, dz = latents.shape[0], model.num_components, model.cfg.latent_dim_z
-    z, w = latents[:, :dz], latents[:, dz:].reshape(n, m, model.cfg.latent_dim_w)
-    u = torch.cat([w, z[:, None].expand(n, m, dz)], dim=-1)
+    """Whole designs from latents (``fitted_prior``'s layouts) -> probabilities [N, M, H, W]: [N, dz + M dw] laid
+    out as [z, w_1, ..., w_M] decodes every component from the one z; [N, M dz + M dw] as [z_1, ..., z_M, w_1,
+    ..., w_M] decodes component m from z_m."""
+    n, m, dz, dw = latents.shape[0], model.num_components, model.cfg.latent_dim_z, model.cfg.latent_dim_w
+    if latents.shape[1] not in (dz + m * dw, m * (dz + dw)):
+        raise ValueError(f"latents of {latents.shape[1]} dimensions: the model decodes {dz + m * dw} "
+                         f"([z, w_1..w_M]) or {m * (dz + dw)} ([z_1..z_M, w_1..w_M])")
+    zs = m * dz if latents.shape[1] == m * (dz + dw) else dz
+    z, w = latents[:, :zs].reshape(n, -1, dz), latents[:, zs:].reshape(n, m, dw)
+    u = torch.cat([w, z.expand(n, m, dz)], dim=-1)
     return torch.sigmoid(model.decode(u, model.cond(conditions)))
 
 
