@@ -337,6 +337,8 @@ def validate_choices(config: Config) -> None:
     """Every key that names one of a fixed set of choices, and what depends on the choice."""
     d, m, t, w = config.data, config.model, config.train, config.wandb
     families, likelihoods, objectives, cross_priors, latent_samplers = model_registries()
+    from epure.model.fitted_prior import Z_FROM  # on use, as model_registries: the model package imports this module
+
     choices = {
         "model.priorposterior": (m.priorposterior, list(families)),
         "model.likelihood": (m.likelihood, list(likelihoods)),
@@ -344,7 +346,7 @@ def validate_choices(config: Config) -> None:
         "model.objective": (m.objective, list(objectives)),
         "model.cross_prior": (m.cross_prior, list(cross_priors)),
         "model.latent_sampler": (m.latent_sampler, list(latent_samplers)),
-        "model.fitted_prior_z": (m.fitted_prior_z, ["best", "own"]),
+        "model.fitted_prior_z": (m.fitted_prior_z, list(Z_FROM)),
         "model.decoder_output": (m.decoder_output, ["upsample", "pixel_shuffle"]),
         "train.device": (t.device, ["auto", "cpu", "cuda", "mps"]),
         "train.precision": (t.precision, ["auto", "fp32", "bf16"]),
