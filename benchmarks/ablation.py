@@ -10,7 +10,8 @@ evaluated on the test split; a table and a JSON (``--out``) hold the headline me
 Unconditional designs are drawn with every sampler of ``--samplers`` (default: the priors p(z) p(w) and the
 fitted prior), one row each, from the same trained model; ``--fit-components 1 8`` also refits the fitted
 prior with that many Gaussians to the same model's training latents (one row each), and ``--fit LABEL
-KEY=VALUE ...`` with other ``model.fitted_prior_*`` settings, so samplers are compared on one set of weights:
+KEY=VALUE ...`` with other ``model.fitted_prior_*`` settings, and ``--candidates 1 4`` scores designs chosen
+from that many draws each (``epure.sample.best_of``), so samplers are compared on one set of weights:
 
     python benchmarks/ablation.py --run shipped RUN --samplers fitted \\
         --fit best model.fitted_prior_z=best --fit own model.fitted_prior_z=own
@@ -102,6 +103,9 @@ def main() -> None:
                         help="refit the fitted prior with these numbers of Gaussians (default: the checkpoint's fit)")
     parser.add_argument("--fit", nargs="+", action="append", default=[], metavar="LABEL KEY=VALUE",
                         help="refit the fitted prior with these model.fitted_prior_* overrides, one row each")
+    parser.add_argument("--candidates", nargs="+", type=int, default=[],
+                        help="score unconditional designs as the best of N draws for each N given, one row each "
+                             "(default: the model's model.sample_candidates)")
     parser.add_argument("--reconstructions", action="store_true",
                         help="also a row of the test designs' own reconstructions: the ceiling of any sampler")
     parser.add_argument("--output-dir", default="outputs/ablation")
@@ -130,12 +134,15 @@ def main() -> None:
         designs = training_split(loaded)
         for label, sampler, fitted in samplers(loaded, designs, args.samplers, args.fit_components, fits):
             loaded.fitted_prior = fitted
-            options = EvaluationOptions(limit=args.eval_limit, bootstrap=0, latent_sampler=sampler, draws=args.draws)
-            metrics = evaluate(loaded, data.test, options, designs).flat()
-            key = f"{name} / {label}"
-            results[key] = {"overrides": overrides, "sampler": label, "steps": loaded.meta.get("step"),
-                            "minutes": minutes, "run_dir": str(run_dir), **{k: metrics[f"eval/{k}"] for k in HEADLINE}}
-            console.print(f"{key}: {results[key]}")
+            for candidates in args.candidates or [None]:
+                options = EvaluationOptions(limit=args.eval_limit, bootstrap=0, latent_sampler=sampler,
+                                            draws=args.draws, candidates=candidates)
+                metrics = evaluate(loaded, data.test, options, designs).flat()
+                key = f"{name} / {label}" + (f" / best of {candidates}" if candidates else "")
+                results[key] = {"overrides": overrides, "sampler": label, "candidates": candidates,
+                                "steps": loaded.meta.get("step"), "minutes": minutes, "run_dir": str(run_dir),
+                                **{k: metrics[f"eval/{k}"] for k in HEADLINE}}
+                console.print(f"{key}: {results[key]}")
         if args.reconstructions:
             key = f"{name} / reconstructions"
             results[key] = {"overrides": overrides, "sampler": "reconstructions", "steps": loaded.meta.get("step"),

@@ -378,6 +378,10 @@ ArtifactEntityOption = Annotated[Optional[str], typer.Option(
 LatentSamplerOption = Annotated[Optional[str], typer.Option(
     "--latent-sampler", help="prior | fitted: unconditional latents from the priors p(z) p(w) or from the density "
                              "fitted to the training designs' latents (default: the model's model.latent_sampler).")]
+CandidatesOption = Annotated[Optional[int], typer.Option(
+    "--candidates", help="Each unconditional design the best of N draws: in one piece first, then nearest the "
+                         "requested width and height (default: the model's model.sample_candidates; 1: every draw "
+                         "as it comes).")]
 
 
 def chosen_model(checkpoint: Optional[Path], artifact: Optional[str], project: Optional[str],
@@ -416,6 +420,7 @@ def sample_command(
         "--cross-prior", help="prior | aux: unobserved components' private latents from p(w) or r(w) "
                               "(inpainting; default: the model's model.cross_prior).")] = None,
     latent_sampler: LatentSamplerOption = None,
+    candidates: CandidatesOption = None,
     binary: Annotated[bool, typer.Option("--binary", help="Threshold masks at the model's calibrated threshold "
                                                           "(0.5 in models trained before it).")] = False,
     data: Annotated[Optional[str], typer.Option("--data", help="Dataset to complete (default: the training one).")] = None,
@@ -445,7 +450,7 @@ def sample_command(
         record = {"model": model, "options": options}
         if mode == "unconditional":
             report = _write_unconditional(loaded, destination, num_samples, condition, width, height, conditions,
-                                          latent_sampler, binary, batch_size, seed, record)
+                                          latent_sampler, candidates, binary, batch_size, seed, record)
         elif mode == "inpainting":
             report = _write_inpainting(loaded, destination, components, data, limit, joint, joint_rule, mean,
                                        binary, batch_size, seed, cross_prior, record)
@@ -465,6 +470,8 @@ def _sample_options(given: dict) -> dict:
         fail(f"--cross-prior must be one of {', '.join(CROSS_PRIORS)}, got {given['cross_prior']!r}")
     if given["latent_sampler"] not in (None, *LATENT_SAMPLERS):
         fail(f"--latent-sampler must be one of {', '.join(LATENT_SAMPLERS)}, got {given['latent_sampler']!r}")
+    if given["candidates"] is not None and given["candidates"] < 1:
+        fail(f"--candidates must be at least 1 (1: every draw as it comes), got {given['candidates']}")
     if given["wandb_mode"] not in (None, "auto", "online", "offline", "off"):
         fail(f"--wandb must be auto, online, offline or off, got {given['wandb_mode']!r}")
     options = {("wandb" if k == "wandb_mode" else k): (str(v) if isinstance(v, Path) else v) for k, v in given.items()
@@ -505,14 +512,15 @@ def _log_samples(loaded, report, record: dict, run_name: str, wandb_mode: Option
 
 def _write_unconditional(loaded, destination, num_samples: int, condition: Optional[list[str]],
                          width: Optional[float], height: Optional[float], conditions: Optional[Path],
-                         latent_sampler: Optional[str], binary: bool, batch_size: int, seed: int, record: dict):
+                         latent_sampler: Optional[str], candidates: Optional[int], binary: bool, batch_size: int,
+                         seed: int, record: dict):
     """``epure sample`` (unconditional): the requested conditions (drawn, held or read from a CSV), then designs."""
     from epure import sample as sampling
 
     fixed = sampling.fixed_conditions(condition or [], {"width": ("width_px", width), "height": ("height_px", height)})
     raw, ids = sampling.unconditional_requests(loaded, num_samples, fixed, conditions, seed)
     return sampling.write_unconditional(loaded, destination, raw, ids, binary, batch_size, seed, record=record,
-                                        sampler=latent_sampler)
+                                        sampler=latent_sampler, candidates=candidates)
 
 
 def _write_inpainting(loaded, destination, components: Optional[list[str]], data: Optional[str],
@@ -553,6 +561,7 @@ def evaluate_command(
         "--cross-prior", help="prior | aux: score completions with unobserved private latents from p(w) or r(w) "
                               "(default: the model's model.cross_prior).")] = None,
     latent_sampler: LatentSamplerOption = None,
+    candidates: CandidatesOption = None,
     threshold: Annotated[Optional[float], typer.Option(
         "--threshold", help="Score masks thresholded here (default: the model's calibrated threshold, "
                             "0.5 in models trained before it).")] = None,
@@ -574,7 +583,8 @@ def evaluate_command(
 
     options = evaluation.EvaluationOptions(limit=limit, seed=seed, bootstrap=bootstrap, subsets=subsets,
                                            joint=joint_rule, use_mean=mean, cross_prior=cross_prior,
-                                           latent_sampler=latent_sampler, ood=ood, ood_margin=ood_margin,
+                                           latent_sampler=latent_sampler, candidates=candidates, ood=ood,
+                                           ood_margin=ood_margin,
                                            batch_size=batch_size, draws=draws, threshold=threshold)
     with reported_errors():
         options.check()

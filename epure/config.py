@@ -81,6 +81,9 @@ class ModelConfig:
     fitted_prior_components: int = 1  # Gaussians in the fitted prior (fitted at the run's end; fitted_prior.py)
     fitted_prior_z: str = "best"  # best: one expert's z decodes every component; own: each component its own expert's
     fitted_prior_kept_variance: float = 1.0  # < 1: fit only the principal directions of the latents holding this share
+    # unconditional designs: each the best of this many draws (in one piece first, then nearest the requested
+    # width and height; epure.sample.best_of); 1: every draw as it comes (the paper)
+    sample_candidates: int = 1
     calibrate_threshold: bool = False  # masks above the threshold validation calls for, not 0.5 (best_threshold)
 
 
@@ -328,6 +331,9 @@ def validate_model(m: ModelConfig, d: DataConfig) -> None:
         raise ConfigError(f"model.foreground_weight must be positive, got {m.foreground_weight}")
     if m.beta < 0:
         raise ConfigError(f"model.beta must be >= 0, got {m.beta}")
+    if m.sample_candidates < 1:
+        raise ConfigError(f"model.sample_candidates must be at least 1 (1: every draw as it comes), got "
+                          f"{m.sample_candidates}")
     if not 0 < m.fitted_prior_kept_variance <= 1:
         raise ConfigError(f"model.fitted_prior_kept_variance must be in (0, 1] (1: every direction), got "
                           f"{m.fitted_prior_kept_variance}")

@@ -48,7 +48,7 @@ from epure.metrics import (binarize, bootstrap_std, centre_of_mass, component_de
                            standardise, wasserstein)
 from epure.model.generation import CROSS_PRIORS, JOINT_RULES, LATENT_SAMPLERS
 from epure.neighbours import nearest_designs
-from epure.sample import complete, cross_matrix_image, generate, latent_sampler
+from epure.sample import complete, cross_matrix_image, generate, latent_sampler, sample_candidates
 from epure.viz import composite, grid, save_png
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,7 @@ class EvaluationOptions:
     use_mean: bool = False  # posterior means instead of samples when completing
     cross_prior: str | None = None  # unobserved private latents from p(w) (prior) or r(w) (aux); None: the model's
     latent_sampler: str | None = None  # unconditional latents from the priors (prior) or the fitted prior (fitted)
+    candidates: int | None = None  # each unconditional design the best of this many draws; None: the model's
     threshold: float | None = None  # probabilities above it are occupied; None: the model's calibrated threshold
     ood: bool = False  # also measure dimension fidelity just outside the training range
     ood_margin: int = 6  # how many px beyond the training range the out-of-range requests go
@@ -98,6 +99,8 @@ class EvaluationOptions:
         if self.latent_sampler not in (None, *LATENT_SAMPLERS):
             raise EvaluationError(f"--latent-sampler must be one of {', '.join(LATENT_SAMPLERS)}, "
                                   f"got {self.latent_sampler!r}")
+        if self.candidates is not None and self.candidates < 1:
+            raise EvaluationError(f"--candidates must be at least 1 (1: every draw as it comes), got {self.candidates}")
         if self.threshold is not None and not 0.0 < self.threshold < 1.0:
             raise EvaluationError(f"--threshold must be between 0 and 1, got {self.threshold}")
         if self.ood_margin <= 0:
@@ -186,6 +189,7 @@ def evaluate(loaded: LoadedModel, split: Split, options: EvaluationOptions | Non
     options = options or EvaluationOptions()
     options.check()
     options = dataclasses.replace(options, latent_sampler=latent_sampler(loaded, options.latent_sampler),
+                                  candidates=sample_candidates(loaded, options.candidates),
                                   threshold=mask_threshold(loaded, options))
     if list(split.components) != list(loaded.components):
         raise EvaluationError(f"the data's components {split.components} are not the model's {loaded.components}")
@@ -217,7 +221,8 @@ def evaluate(loaded: LoadedModel, split: Split, options: EvaluationOptions | Non
             "data_fingerprint": split.fingerprint, "train_designs": len(train) if train is not None else None,
             "options": dataclasses.asdict(options), "ood_values": ood_values,
             "cross_prior": options.cross_prior or loaded.config.model.cross_prior,
-            "latent_sampler": options.latent_sampler, "exclusive_components": loaded.exclusive_components,
+            "latent_sampler": options.latent_sampler, "candidates": options.candidates,
+            "exclusive_components": loaded.exclusive_components,
             "seconds": {k: round(v, 3) for k, v in timings.items()}}
     labels = ["+".join(loaded.components[i] for i in s) for s in observed_sets]
     return EvaluationResult(list(loaded.components), labels, iou_matrix, dice_matrix, uncond, uncond_std, real,
@@ -320,8 +325,9 @@ def conditioned_scores(loaded: LoadedModel, split: Split, observed_sets: list[tu
 def _generate(loaded: LoadedModel, raw_conditions: np.ndarray, options: EvaluationOptions) -> np.ndarray:
     """One unconditional design per row of conditions, thresholded as a whole design (metrics.design_masks)
     -> bool [N, M, H, W]."""
-    batches = generate(loaded, raw_conditions, options.batch_size, options.seed, options.latent_sampler)
     threshold = mask_threshold(loaded, options)
+    batches = generate(loaded, raw_conditions, options.batch_size, options.seed, options.latent_sampler,
+                       options.candidates, threshold)
     return np.concatenate([design_masks(b, loaded.exclusive_components, threshold) for b in batches])
 
 
@@ -506,9 +512,11 @@ def write_evaluation(result: EvaluationResult, loaded: LoadedModel, split: Split
     samples = out.with_name(f"{out.stem}_samples.png")
     count = min(8, len(split))
     with torch.inference_mode():
+        threshold = result.info["options"]["threshold"]
         (made,) = generate(loaded, split.conditions[:count], batch_size=count, seed=seed,
-                           sampler=result.info.get("latent_sampler"))
-    masks = design_masks(made, loaded.exclusive_components, result.info["options"]["threshold"])  # as scored
+                           sampler=result.info.get("latent_sampler"), candidates=result.info.get("candidates"),
+                           threshold=threshold)
+    masks = design_masks(made, loaded.exclusive_components, threshold)  # as scored
     save_png(grid([[composite(split.images[i]), *made[i], composite(masks[i])] for i in range(count)]),
              samples)
     return [out, completions, samples]
@@ -531,6 +539,10 @@ def tracking_tables(result: EvaluationResult) -> dict[str, tuple[list[str], list
 
 def _fmt(value: float | None, digits: int = 3) -> str:
     return "–" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _best_of(candidates: int | None) -> str:
+    return f", each design the best of {candidates} draws" if candidates and candidates > 1 else ""
 
 
 def render_tables(result: EvaluationResult, console: Console) -> None:
@@ -557,7 +569,7 @@ def render_tables(result: EvaluationResult, console: Console) -> None:
     n = result.info.get("examples")
     sampler = {"prior": "the priors p(z) p(w)", "fitted": "the fitted prior"}.get(result.info.get("latent_sampler"), "?")
     table = Table(title=f"evaluation of {result.info.get('run')} on {n} examples (± bootstrap std); "
-                        f"unconditional latents from {sampler}; masks above "
+                        f"unconditional latents from {sampler}{_best_of(result.info.get('candidates'))}; masks above "
                         f"{result.info.get('options', {}).get('threshold', 0.5):g}")
     for column, justify in [("metric", "left"), ("value", "right"), ("± std", "right"), ("real data", "right")]:
         table.add_column(column, justify=justify)

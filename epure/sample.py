@@ -44,7 +44,7 @@ import epure
 from epure.checkpoint import LoadedModel
 from epure.data.dimensions import measure_dimensions
 from epure.io import atomic_write_json, atomic_write_text, claim_dir
-from epure.metrics import design_masks
+from epure.metrics import design_masks, piece_counts
 from epure.model.generation import LATENT_SAMPLERS, completion_probabilities, unconditional_probabilities
 from epure.viz import composite, design_grid, grid, save_png
 
@@ -172,20 +172,64 @@ def latent_sampler(loaded: LoadedModel, requested: str | None = None) -> str:
     return rule
 
 
+BROKEN = 1e6  # best_of's penalty for a design in pieces: larger than any miss in px, so it loses to a whole one
+
+
+def sample_candidates(loaded: LoadedModel, requested: int | None = None) -> int:
+    """How many draws each unconditional design is chosen from: ``requested``, or None for the model's
+    ``model.sample_candidates``."""
+    count = loaded.config.model.sample_candidates if requested is None else requested
+    if count < 1:
+        raise SamplingError(f"--candidates must be at least 1 (1: every draw as it comes), got {count}")
+    return count
+
+
+def best_of(candidates: list[np.ndarray], raw_conditions: np.ndarray, columns: list[str], exclusive: bool,
+            threshold: float) -> np.ndarray:
+    """Per row, the candidate design (each of ``candidates`` probabilities [N, M, H, W]) whose masks, as
+    ``design_masks`` makes them, are one piece, then nearest the requested ``width_px`` and ``height_px`` of
+    ``raw_conditions`` (the columns it has; mean absolute px); ties go to the earliest draw.
+
+    A rejection step on what every real design satisfies: the fitted prior draws latents near the training
+    designs', but not exactly on the few pixels that decide a design's height or whether its bead touches its
+    carcass; the decoders draw those pixels precisely once given the right latents (docs/model.md).
+    """
+    scores = []
+    for probabilities in candidates:
+        union = design_masks(probabilities, exclusive, threshold).any(axis=1)
+        width, height = measure_dimensions(union)
+        miss = np.zeros(len(union))
+        for column, measured in (("width_px", width), ("height_px", height)):
+            if column in columns:
+                miss += np.abs(measured - raw_conditions[:, columns.index(column)])
+        scores.append(np.where(piece_counts(union) == 1, 0.0, BROKEN) + miss)
+    pick = np.argmin(np.stack(scores), axis=0)  # argmin keeps the first of equal scores
+    return np.stack(candidates)[pick, np.arange(len(pick))]
+
+
 @torch.no_grad()
 def generate(loaded: LoadedModel, raw_conditions: np.ndarray, batch_size: int = 256,
-             seed: int = 0, sampler: str | None = None) -> Iterator[np.ndarray]:
+             seed: int = 0, sampler: str | None = None, candidates: int | None = None,
+             threshold: float | None = None) -> Iterator[np.ndarray]:
     """Unconditional designs for each row of raw conditions, yielded as float32 [b, M, H, W] batches.
 
     ``sampler``: ``prior`` draws the latents from p(z) p(w) (the paper), ``fitted`` from the density fitted to
     the training designs' latents, given the conditions (``epure.model.fitted_prior``); None: the model's
-    ``model.latent_sampler`` (see ``latent_sampler``).
+    ``model.latent_sampler`` (see ``latent_sampler``). ``candidates`` (None: the model's
+    ``model.sample_candidates``): each design is the ``best_of`` that many draws, judged on its masks at
+    ``threshold`` (None: the model's calibrated one).
     """
     fitted = loaded.fitted_prior if latent_sampler(loaded, sampler) == "fitted" else None
+    count = sample_candidates(loaded, candidates)
+    threshold = loaded.threshold if threshold is None else threshold
     generator = torch.Generator(device=next(loaded.model.parameters()).device).manual_seed(seed)
     for start in range(0, len(raw_conditions), batch_size):
-        cond = _to_tensor(loaded, raw_conditions[start: start + batch_size])
-        yield unconditional_probabilities(loaded.model, cond, generator, fitted).cpu().numpy()
+        raw = raw_conditions[start: start + batch_size]
+        cond = _to_tensor(loaded, raw)
+        drawn = [unconditional_probabilities(loaded.model, cond, generator, fitted).cpu().numpy()
+                 for _ in range(count)]
+        yield drawn[0] if count == 1 else best_of(drawn, np.asarray(raw, dtype=float), loaded.normalizer.columns,
+                                                  loaded.exclusive_components, threshold)
 
 
 @torch.no_grad()
@@ -273,10 +317,11 @@ def write_record(folder: Path, rows: Iterator[list[Any]], loaded: LoadedModel, i
 def write_unconditional(loaded: LoadedModel, out_dir: Path | Destination, raw_conditions: np.ndarray, ids: list[str],
                         binary: bool = False, batch_size: int = 256, seed: int = 0,
                         grid_count: int = 16, record: dict[str, Any] | None = None,
-                        sampler: str | None = None) -> SampleReport:
+                        sampler: str | None = None, candidates: int | None = None) -> SampleReport:
     """One PNG per component per sample, a colour composite per sample and a grid of the first samples, then
     samples.csv and sample.json (``record``: what else sample.json should say, e.g. the command's options).
-    ``sampler``: where the latents come from (see ``generate``).
+    ``sampler``: where the latents come from; ``candidates``: how many draws each design is chosen from (see
+    ``generate``).
 
     Each batch is written before the next is generated, so memory does not grow with the number of samples.
     """
@@ -289,8 +334,9 @@ def write_unconditional(loaded: LoadedModel, out_dir: Path | Destination, raw_co
     for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)
     preview, measured, sampler = [], [], latent_sampler(loaded, sampler)
+    candidates = sample_candidates(loaded, candidates)
     for start, batch in zip(range(0, len(ids), batch_size), generate(loaded, raw_conditions, batch_size, seed,
-                                                                    sampler)):
+                                                                    sampler, candidates)):
         pixels = to_png_array(batch, binary, loaded.exclusive_components, loaded.threshold)
         jobs = []
         for j, design in enumerate(pixels):
@@ -305,7 +351,7 @@ def write_unconditional(loaded: LoadedModel, out_dir: Path | Destination, raw_co
     write_record(root, rows, loaded, {"mode": "unconditional", "observed": None, "seed": seed, "binary": binary,
                                       "threshold": loaded.threshold,
                                       "exclusive_components": loaded.exclusive_components, "batch_size": batch_size,
-                                      "latent_sampler": sampler, **(record or {})})
+                                      "latent_sampler": sampler, "candidates": candidates, **(record or {})})
     return SampleReport(out, len(ids), folders, [root])
 
 

@@ -231,6 +231,8 @@ def test_options_and_components_are_checked(trained) -> None:
         evaluate(loaded, split, EvaluationOptions(limit=0))
     with pytest.raises(EvaluationError, match="--draws"):
         evaluate(loaded, split, EvaluationOptions(draws=1))
+    with pytest.raises(EvaluationError, match="--candidates must be at least 1"):
+        evaluate(loaded, split, EvaluationOptions(candidates=0))
     loaded.components = ["group_nc", "fpu", "group_km"]
     with pytest.raises(EvaluationError, match="components"):
         evaluate(loaded, split, EvaluationOptions())

@@ -300,6 +300,7 @@ def test_evaluate_and_sample_take_the_sampler(trained, tmp_path) -> None:
     by_rule = {rule: evaluate(loaded, test, EvaluationOptions(bootstrap=0, draws=0, latent_sampler=rule, threshold=0.5))
                for rule in ("prior", "fitted")}
     assert by_rule["fitted"].info["latent_sampler"] == "fitted" and by_rule["prior"].info["latent_sampler"] == "prior"
+    assert by_rule["fitted"].info["candidates"] == 1  # the model's model.sample_candidates
     np.testing.assert_array_equal(by_rule["fitted"].iou, by_rule["prior"].iou)  # completions do not change
     assert by_rule["fitted"].dims != by_rule["prior"].dims
     with pytest.raises(EvaluationError, match="--latent-sampler"):
@@ -307,11 +308,12 @@ def test_evaluate_and_sample_take_the_sampler(trained, tmp_path) -> None:
 
     runner = CliRunner()
     res = runner.invoke(app, ["evaluate", "--checkpoint", str(run_dir), "--bootstrap", "0", "--draws", "0",
-                              "--latent-sampler", "fitted", "--out", str(tmp_path / "e.json"), "--device", "cpu"],
-                        env={"COLUMNS": "300"})
+                              "--latent-sampler", "fitted", "--candidates", "3", "--out", str(tmp_path / "e.json"),
+                              "--device", "cpu"], env={"COLUMNS": "300"})
     assert res.exit_code == 0, res.output
-    assert json.loads((tmp_path / "e.json").read_text())["info"]["latent_sampler"] == "fitted"
-    assert "unconditional latents from the fitted prior" in res.output
+    info = json.loads((tmp_path / "e.json").read_text())["info"]
+    assert info["latent_sampler"] == "fitted" and info["candidates"] == 3
+    assert "unconditional latents from the fitted prior, each design the best of 3 draws" in " ".join(res.output.split())
     for rule in ("prior", "fitted"):
         res = runner.invoke(app, ["sample", "--checkpoint", str(run_dir), "--num-samples", "3", "--seed", "1",
                                   "--latent-sampler", rule, "--out", str(tmp_path / rule), "--device", "cpu"])

@@ -274,3 +274,81 @@ def test_ids_keep_their_spelling_through_files_record_and_table(trained, tmp_pat
     columns, rows = record_table(load_model(run_dir), folder, images=1)
     assert columns[-1] == "composite" and [row[0] for row in rows] == ["0042", "7.0"]
     assert rows[0][-1].shape == (64, 64, 3) and rows[1][-1] is None  # pictures for the first `images` rows only
+
+
+def _design(height: int, pieces: int = 1, left: int = 12) -> np.ndarray:
+    """Probabilities [2, 64, 32] of a two-component design whose union measures ``height`` px (rows 10 to
+    10 + height - 2) and width 2 * (32 - left) + 1, in one piece or, with ``pieces=2``, with its second component
+    detached."""
+    design = np.zeros((2, 64, 32), dtype=np.float32)
+    bottom = 10 + height - 2
+    design[0, 10: bottom - 3, left:] = 0.9
+    design[1, bottom - 3 if pieces == 1 else bottom - 1: bottom + 1, left:] = 0.8
+    return design
+
+
+def test_best_of_prefers_one_piece_then_the_requested_dimensions() -> None:
+    from epure.sample import best_of
+
+    columns = ["width_px", "height_px"]
+    requested = np.array([[41.0, 30.0]] * 3)
+    whole_exact, whole_off, broken_exact = _design(30), _design(33), _design(30, pieces=2)
+    for design in (whole_exact, broken_exact):  # the constructed sizes hold
+        assert [int(v[0]) for v in measure_dimensions(design.max(axis=0)[None] > 0.5)] == [41, 30]
+    # row 0: a broken design of the right size loses to a whole one 3 px too tall; row 1: the exact whole
+    # design wins; row 2: two equal candidates, the earlier draw is kept
+    first = np.stack([broken_exact, whole_off, whole_off])
+    second = np.stack([whole_off, whole_exact, whole_off * 0.99])
+    chosen = best_of([first, second], requested, columns, exclusive=False, threshold=0.5)
+    np.testing.assert_array_equal(chosen, np.stack([whole_off, whole_exact, whole_off]))
+    # without a height column only the width and the pieces count; every candidate broken: the nearest one
+    narrow = _design(30, pieces=2, left=14)
+    chosen = best_of([narrow[None], broken_exact[None]], requested[:1, :1], ["width_px"], False, 0.5)
+    np.testing.assert_array_equal(chosen[0], broken_exact)
+
+
+def test_generate_keeps_the_best_of_its_draws(trained, monkeypatch) -> None:
+    """generate draws ``candidates`` batches in turn from one generator and keeps, row by row, best_of's choice
+    (the draws here are constructed designs of known sizes, so the right choice is known)."""
+    import torch
+
+    import epure.sample as sampling
+
+    loaded: LoadedModel = load_model(trained[0])
+    assert loaded.normalizer.columns[:2] == ["width_px", "height_px"]
+    raw = np.array([[41.0, 30.0], [41.0, 33.0], [41.0, 36.0]])
+    heights = iter([[33, 30, 30], [30, 33, 36], [36, 36, 33], [30, 30, 30]])  # draw k: each row's height
+    calls = []
+
+    def drawn(model, cond, generator, fitted):
+        calls.append(generator)
+        return torch.from_numpy(np.stack([np.concatenate([_design(h), np.zeros((1, 64, 32), np.float32)])
+                                          for h in next(heights)]))
+
+    monkeypatch.setattr(sampling, "unconditional_probabilities", drawn)
+    (four,) = sampling.generate(loaded, raw, batch_size=3, candidates=4, threshold=0.5)
+    expected = [_design(h) for h in (30, 33, 36)]  # rows 0 and 1 from the second draw, row 2 from the first
+    np.testing.assert_array_equal(four[:, :2], np.stack(expected))
+    assert len(calls) == 4 and len(set(map(id, calls))) == 1  # four draws, one random stream
+    heights = iter([[33, 30, 30]])
+    (one,) = sampling.generate(loaded, raw, batch_size=3, candidates=1)
+    np.testing.assert_array_equal(one[:, :2], np.stack([_design(33), _design(30), _design(30)]))
+
+
+def test_candidates_are_recorded_and_checked(trained, tmp_path) -> None:
+    run_dir, _ = trained
+    sample("--checkpoint", str(run_dir), "--num-samples", "3", "--out", str(tmp_path / "s"), "--candidates", "3")
+    record = json.loads((tmp_path / "s" / "unconditional" / "sample.json").read_text())
+    assert record["candidates"] == 3 and record["options"]["candidates"] == 3
+    result = CliRunner().invoke(app, ["sample", "--checkpoint", str(run_dir), "--candidates", "0", "--out",
+                                      str(tmp_path / "bad")], env=WIDE)
+    assert result.exit_code == 2 and "--candidates must be at least 1" in result.output, result.output
+    assert not (tmp_path / "bad").exists()
+
+
+def test_sample_candidates_config_is_checked() -> None:
+    from epure.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match="model.sample_candidates must be at least 1"):
+        config_from_dict({"model": {"sample_candidates": 0}})
+    assert config_from_dict({"model": {"sample_candidates": 4}}).model.sample_candidates == 4
