@@ -188,7 +188,7 @@ def best_of(candidates: list[np.ndarray], raw_conditions: np.ndarray, columns: l
             threshold: float) -> np.ndarray:
     """Per row, the candidate design (each of ``candidates`` probabilities [N, M, H, W]) whose masks, as
     ``design_masks`` makes them, are one piece, then nearest the requested ``width_px`` and ``height_px`` of
-    ``raw_conditions`` (the columns it has; mean absolute px); ties go to the earliest draw.
+    ``raw_conditions`` (the columns it has; their absolute misses in px, summed); ties go to the earliest draw.
 
     A rejection step on what every real design satisfies: the fitted prior draws latents near the training
     designs', but not exactly on the few pixels that decide a design's height or whether its bead touches its
