@@ -41,7 +41,7 @@ from rich.table import Table
 
 from epure.checkpoint import LoadedModel
 from epure.data import ConditionNormalizer, DatasetError, Split, load_split, resolve_root
-from epure.data.dimensions import measure_dimensions
+from epure.data.dimensions import achievable_dimensions, measure_dimensions
 from epure.io import atomic_write_json
 from epure.metrics import (binarize, bootstrap_std, centre_of_mass, component_descriptors, design_masks, dice, iou,
                            manifold_scores, mean_pairwise_iou, mean_pairwise_iou_within, nearest_iou, piece_counts,
@@ -451,19 +451,6 @@ def dimension_errors(generated: np.ndarray, raw_conditions: np.ndarray, columns:
     measured = dict(zip(DIMENSIONS, measure_dimensions(generated.any(axis=1))))
     return {f"{short}_mae": float(np.abs(measured[column] - raw_conditions[:, columns.index(column)]).mean())
             for column, short in DIMENSIONS.items() if column in columns}
-
-
-def achievable_dimensions(image_size: list[int] | tuple[int, int]) -> dict[str, np.ndarray]:
-    """Every width and height a section in this image size can measure, found by measuring one-pixel shapes."""
-    rows, cols = image_size
-    by_column = np.zeros((cols, rows, cols), dtype=bool)
-    by_column[np.arange(cols), 0, np.arange(cols)] = True
-    by_rows = np.zeros((rows, rows, cols), dtype=bool)
-    by_rows[:, 0, 0] = True
-    by_rows[np.arange(rows), np.arange(rows), 0] = True
-    widths, _ = measure_dimensions(by_column)
-    _, heights = measure_dimensions(by_rows)
-    return {"width_px": np.unique(widths), "height_px": np.unique(heights)}
 
 
 def ood_conditions(normalizer: ConditionNormalizer, raw_conditions: np.ndarray, image_size,

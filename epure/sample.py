@@ -42,7 +42,7 @@ from PIL import Image
 
 import epure
 from epure.checkpoint import LoadedModel
-from epure.data.dimensions import measure_dimensions
+from epure.data.dimensions import achievable_dimensions, measure_dimensions
 from epure.io import atomic_write_json, atomic_write_text, claim_dir
 from epure.metrics import design_masks, piece_counts
 from epure.model.generation import LATENT_SAMPLERS, completion_probabilities, unconditional_probabilities
@@ -597,7 +597,19 @@ def unconditional_requests(loaded: LoadedModel, num_samples: int, fixed: dict[st
         return raw, ids
     if num_samples <= 0:
         raise SamplingError(f"--num_samples must be positive, got {num_samples}")
+    warn_unmeasurable(fixed, loaded.config.data.image_size)
     return draw_conditions(loaded, num_samples, fixed, seed), [f"sample_{i:05d}" for i in range(num_samples)]
+
+
+def warn_unmeasurable(fixed: dict[str, float], image_size: list[int] | tuple[int, int]) -> None:
+    """Warn when a held width or height is one no design of this image size can measure (a mirrored half-section
+    is an odd number of pixels wide unless it fills the image): the designs come out at the nearest ones."""
+    for column, achievable in achievable_dimensions(image_size).items():
+        if column in fixed and fixed[column] not in achievable:
+            miss = np.abs(achievable - fixed[column])
+            log.warning("%s=%g cannot be measured on a %dx%d section (see epure.data.dimensions); the designs will "
+                        "measure the nearest: %s", column, fixed[column], *image_size,
+                        " or ".join(str(int(v)) for v in achievable[miss == miss.min()]))
 
 
 def completion_split(loaded: LoadedModel, data_root: str | None, limit: int | None):

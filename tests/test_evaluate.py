@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 from epure.checkpoint import load_model
 from epure.cli import app
 from epure.data import ConditionNormalizer, load_split
-from epure.evaluate import (KNN, EvaluationError, EvaluationOptions, _inference_copy, achievable_dimensions,
+from epure.data.dimensions import achievable_dimensions
+from epure.evaluate import (KNN, EvaluationError, EvaluationOptions, _inference_copy,
                             comparison_table, completion_diversity, dimension_errors, distribution_scores,
                             diversity_scores, evaluate, halves, load_evaluation, ood_conditions, render_tables,
                             training_split, write_evaluation)

@@ -352,3 +352,21 @@ def test_sample_candidates_config_is_checked() -> None:
     with pytest.raises(ConfigError, match="model.sample_candidates must be at least 1"):
         config_from_dict({"model": {"sample_candidates": 0}})
     assert config_from_dict({"model": {"sample_candidates": 4}}).model.sample_candidates == 4
+
+
+def test_an_unmeasurable_width_is_named_with_the_nearest_ones(caplog) -> None:
+    from epure.sample import warn_unmeasurable
+
+    with caplog.at_level("WARNING", logger="epure.sample"):
+        warn_unmeasurable({"width_px": 58.0, "height_px": 52.0}, (64, 32))
+    assert [r.getMessage() for r in caplog.records] == [
+        "width_px=58 cannot be measured on a 64x32 section (see epure.data.dimensions); the designs will measure "
+        "the nearest: 57 or 59"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="epure.sample"):
+        warn_unmeasurable({"width_px": 57.0, "height_px": 52.0}, (64, 32))  # both measurable: silent
+        warn_unmeasurable({"width_px": 64.0}, (64, 32))  # a section filling the image measures 2 x 32
+        warn_unmeasurable({"height_px": 80.0}, (64, 32))
+    assert [r.getMessage() for r in caplog.records] == [
+        "height_px=80 cannot be measured on a 64x32 section (see epure.data.dimensions); the designs will measure "
+        "the nearest: 65"]

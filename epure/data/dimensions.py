@@ -44,3 +44,16 @@ def union_of_components(masks: np.ndarray, threshold: float = 0.5) -> np.ndarray
     masks = np.asarray(masks)
     cut = threshold * 255 if masks.dtype == np.uint8 else threshold
     return (masks > cut).any(axis=1)
+
+
+def achievable_dimensions(image_size: list[int] | tuple[int, int]) -> dict[str, np.ndarray]:
+    """Every width and height a section in this image size can measure, found by measuring one-pixel shapes."""
+    rows, cols = image_size
+    by_column = np.zeros((cols, rows, cols), dtype=bool)
+    by_column[np.arange(cols), 0, np.arange(cols)] = True
+    by_rows = np.zeros((rows, rows, cols), dtype=bool)
+    by_rows[:, 0, 0] = True
+    by_rows[np.arange(rows), np.arange(rows), 0] = True
+    widths, _ = measure_dimensions(by_column)
+    _, heights = measure_dimensions(by_rows)
+    return {"width_px": np.unique(widths), "height_px": np.unique(heights)}
