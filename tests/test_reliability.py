@@ -316,7 +316,12 @@ def test_sampling_requests_outside_the_training_range(reference: Reference, tmp_
                                                       caplog: pytest.LogCaptureFixture) -> None:
     loaded = load_model(reference.run_dir)
     norm = loaded.normalizer
-    raw, ids = unconditional_requests(loaded, 3, {"width_px": norm.high[0] + 40}, conditions_csv=None, seed=0)
+    with caplog.at_level(logging.WARNING, logger="epure.sample"):
+        raw, ids = unconditional_requests(loaded, 3, {"width_px": norm.high[0] + 40}, conditions_csv=None, seed=0)
+    (warning,) = [r.getMessage() for r in caplog.records]  # wider than any 64x32 section measures
+    assert f"width_px={norm.high[0] + 40:g} cannot be measured on a 64x32 section" in warning
+    assert warning.endswith("the nearest: 64")
+    caplog.clear()
     with caplog.at_level(logging.WARNING, logger="epure.sample"):
         write_unconditional(loaded, tmp_path / "samples", raw, ids)
     (warning,) = [r.getMessage() for r in caplog.records]
