@@ -204,7 +204,10 @@ def best_of(candidates: list[np.ndarray], raw_conditions: np.ndarray, columns: l
                 miss += np.abs(measured - raw_conditions[:, columns.index(column)])
         scores.append(np.where(piece_counts(union) == 1, 0.0, BROKEN) + miss)
     pick = np.argmin(np.stack(scores), axis=0)  # argmin keeps the first of equal scores
-    return np.stack(candidates)[pick, np.arange(len(pick))]
+    chosen = candidates[0].copy()
+    for k in range(1, len(candidates)):  # row by row, without stacking every candidate batch into one more copy
+        chosen[pick == k] = candidates[k][pick == k]
+    return chosen
 
 
 @torch.no_grad()
