@@ -215,6 +215,7 @@ class LoadedModel:
     fitted_prior: FittedPrior | None = None  # the latent density fitted to these weights; None: not in the file
     exclusive_components: bool = False  # one component per pixel in every training design (metrics.design_masks)
     threshold: float = 0.5  # where its probabilities become masks, calibrated in training (older files: 0.5)
+    whole_components: list[str] = field(default_factory=list)  # one piece in every training design (older files: none)
 
     @property
     def run_name(self) -> str:
@@ -246,7 +247,16 @@ def load_model(source: str | Path, device: str | torch.device = "cpu", prefer: s
     return LoadedModel(model, config, ConditionNormalizer.from_dict(state["normalizer"]), components, path, meta, rows,
                        stored_fitted_prior(path, state, config, components),
                        bool(state.get("exclusive_components", False)),
-                       float(state.get("decision_threshold", 0.5)))
+                       float(state.get("decision_threshold", 0.5)), stored_whole_components(path, state, components))
+
+
+def stored_whole_components(path: Path, state: dict[str, Any], components: list[str]) -> list[str]:
+    """The checkpoint's components that no training design had in pieces (older files: none), checked."""
+    whole = state.get("whole_components", [])
+    if not isinstance(whole, list) or any(name not in components for name in whole):
+        raise CheckpointError(f"{path}: its whole_components {whole!r} are not a list of its components "
+                              f"{components}")
+    return list(whole)
 
 
 def stored_fitted_prior(path: Path, state: dict[str, Any], config: Config, components: list[str]) -> FittedPrior | None:

@@ -58,6 +58,19 @@ def components_exclusive(images: np.ndarray) -> bool:
                for start in range(0, len(images), 4096))
 
 
+def components_whole(images: np.ndarray) -> np.ndarray:
+    """Per component, whether it is one piece (or absent) in every design (uint8 or bool [N, M, H, W]) -> bool
+    [M]: a component that is never in pieces in the training designs should not be in pieces in a generated
+    one (``epure.sample.best_of``), while one that real designs split (some flanks) may be. Read in chunks."""
+    images = np.asarray(images)
+    whole = np.ones(images.shape[1], dtype=bool)
+    for start in range(0, len(images), 4096):
+        chunk = binarize(images[start: start + 4096])
+        n, m = chunk.shape[:2]
+        whole &= (piece_counts(chunk.reshape(n * m, *chunk.shape[2:])).reshape(n, m) <= 1).all(axis=0)
+    return whole
+
+
 def design_masks(probabilities: np.ndarray, exclusive: bool, threshold: float = 0.5) -> np.ndarray:
     """Boolean masks of whole designs from their components' probabilities [N, M, H, W].
 

@@ -173,6 +173,7 @@ def latent_sampler(loaded: LoadedModel, requested: str | None = None) -> str:
 
 
 BROKEN = 1e6  # best_of's penalty for a design in pieces: larger than any miss in px, so it loses to a whole one
+PIECES = 1e3  # ... for each component in pieces that no training design has in pieces: below BROKEN, above any miss
 
 
 def sample_candidates(loaded: LoadedModel, requested: int | None = None) -> int:
@@ -185,10 +186,12 @@ def sample_candidates(loaded: LoadedModel, requested: int | None = None) -> int:
 
 
 def best_of(candidates: list[np.ndarray], raw_conditions: np.ndarray, columns: list[str], exclusive: bool,
-            threshold: float) -> np.ndarray:
+            threshold: float, whole: np.ndarray | None = None) -> np.ndarray:
     """Per row, the candidate design (each of ``candidates`` probabilities [N, M, H, W]) whose masks, as
-    ``design_masks`` makes them, are one piece, then nearest the requested ``width_px`` and ``height_px`` of
-    ``raw_conditions`` (the columns it has; their absolute misses in px, summed); ties go to the earliest draw.
+    ``design_masks`` makes them, are one piece, then with the fewest components in pieces among those ``whole``
+    marks (bool [M]: one piece in every training design, ``metrics.components_whole``; None: none judged), then
+    nearest the requested ``width_px`` and ``height_px`` of ``raw_conditions`` (the columns it has; their
+    absolute misses in px, summed); ties go to the earliest draw.
 
     A rejection step on what every real design satisfies: the fitted prior draws latents near the training
     designs', but not exactly on the few pixels that decide a design's height or whether its bead touches its
@@ -196,13 +199,18 @@ def best_of(candidates: list[np.ndarray], raw_conditions: np.ndarray, columns: l
     """
     scores = []
     for probabilities in candidates:
-        union = design_masks(probabilities, exclusive, threshold).any(axis=1)
+        masks = design_masks(probabilities, exclusive, threshold)
+        union = masks.any(axis=1)
         width, height = measure_dimensions(union)
-        miss = np.zeros(len(union))
+        score = np.where(piece_counts(union) == 1, 0.0, BROKEN)
+        if whole is not None and whole.any():
+            judged = masks[:, whole]
+            n, m = judged.shape[:2]
+            score += PIECES * (piece_counts(judged.reshape(n * m, *judged.shape[2:])).reshape(n, m) > 1).sum(axis=1)
         for column, measured in (("width_px", width), ("height_px", height)):
             if column in columns:
-                miss += np.abs(measured - raw_conditions[:, columns.index(column)])
-        scores.append(np.where(piece_counts(union) == 1, 0.0, BROKEN) + miss)
+                score += np.abs(measured - raw_conditions[:, columns.index(column)])
+        scores.append(score)
     pick = np.argmin(np.stack(scores), axis=0)  # argmin keeps the first of equal scores
     chosen = candidates[0].copy()
     for k in range(1, len(candidates)):  # row by row, without stacking every candidate batch into one more copy
@@ -225,6 +233,7 @@ def generate(loaded: LoadedModel, raw_conditions: np.ndarray, batch_size: int = 
     fitted = loaded.fitted_prior if latent_sampler(loaded, sampler) == "fitted" else None
     count = sample_candidates(loaded, candidates)
     threshold = loaded.threshold if threshold is None else threshold
+    whole = np.array([name in loaded.whole_components for name in loaded.components])
     generator = torch.Generator(device=next(loaded.model.parameters()).device).manual_seed(seed)
     for start in range(0, len(raw_conditions), batch_size):
         raw = raw_conditions[start: start + batch_size]
@@ -232,7 +241,7 @@ def generate(loaded: LoadedModel, raw_conditions: np.ndarray, batch_size: int = 
         drawn = [unconditional_probabilities(loaded.model, cond, generator, fitted).cpu().numpy()
                  for _ in range(count)]
         yield drawn[0] if count == 1 else best_of(drawn, np.asarray(raw, dtype=float), loaded.normalizer.columns,
-                                                  loaded.exclusive_components, threshold)
+                                                  loaded.exclusive_components, threshold, whole)
 
 
 @torch.no_grad()

@@ -50,7 +50,7 @@ ARTIFACT_INFO = "artifact.json"  # in a downloaded artifact folder: what it is; 
 RUN_FILES = ("config.yaml", "normalization.json", "components.json")
 SAMPLING_KEYS = ("model", "config", "components", "normalizer", "epoch", "step", "val_loss", "data_fingerprint",
                  "git_commit", "train_conditions", "fitted_prior", "exclusive_components",
-                 "decision_threshold")
+                 "decision_threshold", "whole_components")
 ARTIFACT_EVERY_MINUTES = 10.0
 CONFIRM_SECONDS = 300  # how long finish() waits for the server to confirm the model versions, all together
 REGISTRY_PREFIX = "wandb-registry-"

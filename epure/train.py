@@ -41,7 +41,7 @@ from epure.checkpoint import (CheckpointError, LoadedModel, git_commit, numpy_rn
 from epure.config import Config, TrainConfig, config_from_dict, save_config
 from epure.data import ConditionNormalizer, DataBundle, load_data
 from epure.io import atomic_write_json, atomic_write_text, claim_dir
-from epure.metrics import best_threshold, components_exclusive
+from epure.metrics import best_threshold, components_exclusive, components_whole
 from epure.model import MMVAEPlus, forward_objective
 from epure.model.backward import objective_backward
 from epure.model.fitted_prior import FittedPrior, fit_prior
@@ -300,6 +300,7 @@ class TrainState:
     fitted_prior: FittedPrior | None = None  # fitted to these weights (pictures, the run's end); None once they change
     exclusive_components: bool = False  # no training pixel belongs to two components (metrics.design_masks)
     decision_threshold: float = 0.5  # where these weights' probabilities become masks (calibrate_threshold)
+    whole_components: list[str] = field(default_factory=list)  # one piece in every training design (best_of)
 
     def checkpoint(self) -> dict[str, Any]:
         """The checkpoint's contents; the RNG state is the one of this moment."""
@@ -311,7 +312,8 @@ class TrainState:
                 "data_fingerprint": self.data_fingerprint, "data_changes": self.data_changes,
                 "git_commit": self.git_commit, "train_conditions": self.train_conditions,
                 "fitted_prior": self.fitted_prior.to_state() if self.fitted_prior is not None else None,
-                "exclusive_components": self.exclusive_components, "decision_threshold": self.decision_threshold}
+                "exclusive_components": self.exclusive_components, "decision_threshold": self.decision_threshold,
+                "whole_components": self.whole_components}
 
     def restore(self, checkpoint: dict[str, Any]) -> None:
         """Continue from a checkpoint: weights, optimiser, counters, and the RNG where it was."""
@@ -431,7 +433,9 @@ def set_up(cfg: Config, resume: str | Path | None, data: DataBundle | None, trac
         compile_networks([*model.encoders, *model.decoders])
     state = TrainState(model, make_optimizer(model, tc), cfg,
                        data.normalizer, data.fingerprint, torch.tensor(data.train.conditions, dtype=torch.float32),
-                       git_commit(), data_changes, exclusive_components=components_exclusive(data.train.images))
+                       git_commit(), data_changes, exclusive_components=components_exclusive(data.train.images),
+                       whole_components=[name for name, whole in zip(cfg.data.components,
+                                                                     components_whole(data.train.images)) if whole])
     run_dir, history = open_run_dir(ctx, state, resume, resume_path, checkpoint)
     tracker.start(run_dir, cfg)
     tracker.use_dataset(data, cfg.data)
@@ -649,7 +653,8 @@ def end_of_epoch(session: Session, images_fn) -> None:
         state.model.eval()
         loaded = LoadedModel(state.model, session.cfg, state.normalizer, list(session.cfg.data.components),
                              session.run_dir, fitted_prior=state.fitted_prior,
-                             exclusive_components=state.exclusive_components, threshold=state.decision_threshold)
+                             exclusive_components=state.exclusive_components, threshold=state.decision_threshold,
+                             whole_components=state.whole_components)
         session.tracker.log_images(images_fn(loaded, session.data), state.step)
         state.model.train()
 

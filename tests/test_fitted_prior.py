@@ -237,6 +237,10 @@ def test_training_stores_the_fit_and_sampling_uses_it(trained, tmp_path, caplog)
     save_checkpoint(tmp_path / "broken.pt", broken)
     with pytest.raises(CheckpointError, match="broken.pt: its fitted_prior is damaged"):
         load_model(tmp_path / "broken.pt")
+    save_checkpoint(tmp_path / "unknown.pt", dict(state, whole_components=["group_nc", "tread"]))
+    with pytest.raises(CheckpointError, match=r"unknown.pt: its whole_components \['group_nc', 'tread'\] are not"):
+        load_model(tmp_path / "unknown.pt")
+    assert loaded.whole_components == list(state["components"])  # the synthetic designs: none in pieces
     fit_for_another = FittedPrior.from_state(stored)
     fit_for_another.latent_dim = 15
     save_checkpoint(tmp_path / "other.pt", dict(state, fitted_prior=fit_for_another.to_state()))
@@ -279,6 +283,7 @@ def test_training_fits_only_for_pictures_and_at_the_end(tmp_path, monkeypatch) -
     best, last = (read_checkpoint(run_dir / "checkpoints" / name) for name in ("best.pt", "last.pt"))
     assert (best["epoch"], last["epoch"]) == (1, 3)
     assert last["exclusive_components"] is True  # the synthetic designs have one component per pixel
+    assert last["whole_components"] == list(cfg.data.components)  # ... and none in pieces (best_of judges each)
     first_weight = next(iter(best["model"].values()))
     torch.testing.assert_close(fitted_weights[2], first_weight)  # the refit saw best.pt's weights...
     assert not torch.equal(fitted_weights[1], first_weight)

@@ -7,6 +7,7 @@ import pytest
 from scipy import ndimage
 
 from epure.metrics import (best_threshold, binarize, bootstrap_std, centre_of_mass, components_exclusive,
+                           components_whole,
                            design_masks, dice, iou, piece_counts, wasserstein)
 
 
@@ -251,6 +252,17 @@ def test_components_exclusive() -> None:
     assert components_exclusive(designs)
     designs[1, 0, 0, 0] = 255  # one pixel in two components
     assert not components_exclusive(designs)
+
+
+def test_components_whole_marks_the_components_never_in_pieces() -> None:
+    designs = np.zeros((3, 3, 8, 8), dtype=np.uint8)
+    designs[:, 0, 2:5, 2:5] = 255  # one piece in every design
+    designs[0, 1, 0, :] = designs[0, 1, 4, :] = 255  # two pieces in design 0 only
+    designs[1, 1, 0, :] = 255
+    # component 2 is absent from every design: nothing in pieces
+    np.testing.assert_array_equal(components_whole(designs), [True, False, True])
+    np.testing.assert_array_equal(components_whole(designs[1:]), [True, True, True])
+    np.testing.assert_array_equal(components_whole(designs.astype(bool)), [True, False, True])
 
 
 def test_best_threshold_is_where_probabilities_match_the_masks() -> None:

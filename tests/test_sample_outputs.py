@@ -307,6 +307,23 @@ def test_best_of_prefers_one_piece_then_the_requested_dimensions() -> None:
     np.testing.assert_array_equal(chosen[0], broken_exact)
 
 
+def test_best_of_counts_pieces_only_in_components_whole_in_training() -> None:
+    """A design of the requested size whose union is whole but whose components are each in two pieces (rows
+    20 to 22 of the first taken by the second) loses to a whole one 3 px off when training never split those
+    components, and wins when it did (``whole`` False: real designs split it, so may a generated one)."""
+    from epure.sample import best_of
+
+    requested = np.array([[41.0, 30.0]])
+    split_exact, whole_off = _design(30), _design(33)
+    split_exact[0, 20:23], split_exact[1, 20:23, 12:] = 0.0, 0.8
+    assert [int(v[0]) for v in measure_dimensions(split_exact.max(axis=0)[None] > 0.5)] == [41, 30]
+    for whole, expected in (([True, True], whole_off), ([True, False], whole_off), ([False, False], split_exact),
+                            (None, split_exact)):
+        mask = None if whole is None else np.array(whole)
+        chosen = best_of([split_exact[None], whole_off[None]], requested, ["width_px", "height_px"], False, 0.5, mask)
+        np.testing.assert_array_equal(chosen[0], expected)
+
+
 def test_generate_keeps_the_best_of_its_draws(trained, monkeypatch) -> None:
     """generate draws ``candidates`` batches in turn from one generator and keeps, row by row, best_of's choice
     (the draws here are constructed designs of known sizes, so the right choice is known)."""
