@@ -62,6 +62,7 @@ class ModelConfig:
     decoder_nf: int = 0  # the decoders' widths (0: nf, nf_max): they decide each pixel, the encoders only summarise
     decoder_nf_max: int = 0
     decoder_output: str = "upsample"  # upsample | pixel_shuffle: how the decoders reach the mask's resolution
+    encoder_input: str = "full"  # full | pixel_unshuffle: the encoders' first convolution at 64x32, or at 32x16
     encoder_moments: bool = False  # the encoders also see each mask's shape moments (networks.mask_moments)
     cond_dim: int = 2
     cond_hidden: list[int] = field(default_factory=lambda: [128, 256])
@@ -354,6 +355,7 @@ def validate_choices(config: Config) -> None:
         "model.latent_sampler": (m.latent_sampler, list(latent_samplers)),
         "model.fitted_prior_z": (m.fitted_prior_z, list(Z_FROM)),
         "model.decoder_output": (m.decoder_output, ["upsample", "pixel_shuffle"]),
+        "model.encoder_input": (m.encoder_input, ["full", "pixel_unshuffle"]),
         "train.device": (t.device, ["auto", "cpu", "cuda", "mps"]),
         "train.precision": (t.precision, ["auto", "fp32", "bf16"]),
         "train.compile": (t.compile, ["auto", "on", "off"]),

@@ -26,12 +26,13 @@ TOLERANCE = 1e-5  # relative, float32
 FLOAT64_TOLERANCE = 1e-10
 
 
-def small_model(m: int, family: str, decoder_output: str = "upsample", moments: bool = False) -> MMVAEPlus:
+def small_model(m: int, family: str, decoder_output: str = "upsample", moments: bool = False,
+                encoder_input: str = "full") -> MMVAEPlus:
     """With ``moments``, the encoders see the masks' shape moments, standardised on random masks like the tests'
     (not by 0 and 1)."""
     components = [f"c{i}" for i in range(m)]
     cfg = tiny_config(None, ".", components, **{"model.priorposterior": family, "model.decoder_output": decoder_output,
-                                                "model.encoder_moments": moments})
+                                                "model.encoder_moments": moments, "model.encoder_input": encoder_input})
     torch.manual_seed(0)
     model = MMVAEPlus(cfg.model, components, cfg.data.image_size)
     model.standardise_moments((torch.rand(32, m, 64, 32) > 0.6).to(torch.uint8) * 255)  # as the tests' masks
@@ -50,14 +51,17 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return (torch.linalg.norm(a - b) / torch.linalg.norm(b)).item()
 
 
-@pytest.mark.parametrize("family,decoder_output,moments", [("Laplace", "upsample", False),
-                                                           ("Normal", "upsample", False),
-                                                           ("Normal", "pixel_shuffle", True)])
+@pytest.mark.parametrize("family,decoder_output,moments,encoder_input", [("Laplace", "upsample", False, "full"),
+                                                                         ("Normal", "upsample", False, "full"),
+                                                                         ("Normal", "pixel_shuffle", True,
+                                                                          "pixel_unshuffle")])
 @pytest.mark.parametrize("objective,k", [("elbo", 1), ("dreg", 3)])
 @pytest.mark.parametrize("m", [3, 5])
 def test_fast_and_straightforward_paths_agree(m: int, objective: str, k: int, family: str,
-                                              decoder_output: str, moments: bool) -> None:
-    model = small_model(m, family, decoder_output, moments)
+                                              decoder_output: str, moments: bool, encoder_input: str) -> None:
+    """The one forward path (encoders as one grouped network, the decoders' workarounds) computes the loss and
+    every gradient the straightforward one does (each tower and decoder called on its own, plain convolutions)."""
+    model = small_model(m, family, decoder_output, moments, encoder_input)
     g = torch.Generator().manual_seed(m)
     x, c = (torch.rand(4, m, 64, 32, generator=g) > 0.6).float(), torch.randn(4, 2, generator=g)
     fast_loss, fast_grads = loss_and_gradients(model, x, c, objective, k, straightforward=False)

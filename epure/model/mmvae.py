@@ -28,7 +28,7 @@ from torch import nn
 
 from epure.config import ModelConfig
 from epure.model.latents import FAMILIES
-from epure.model.networks import ConditionMLP, Decoder, Encoder, at_least_float32, mask_moments
+from epure.model.networks import ConditionMLP, Decoder, Encoder, at_least_float32, encode_together, mask_moments
 
 
 # The networks run on chunks of rows: on the CPU a chunk's feature maps stay in the caches and its allocations
@@ -71,7 +71,8 @@ class MMVAEPlus(nn.Module):
         self.cond = ConditionMLP(cfg.cond_dim, cfg.cond_hidden)  # normalised conditions -> their embedding
         features = self.cond.out_features
         self.encoders = nn.ModuleList([Encoder(self.image_size, cfg.nf, cfg.nf_max, features, cfg.latent_dim_w,
-                                               cfg.latent_dim_z, cfg.encoder_moments) for _ in components])
+                                               cfg.latent_dim_z, cfg.encoder_moments, cfg.encoder_input)
+                                       for _ in components])
         decoder_nf, decoder_nf_max = cfg.decoder_nf or cfg.nf, cfg.decoder_nf_max or cfg.nf_max
         self.decoders = nn.ModuleList([Decoder(self.image_size, decoder_nf, decoder_nf_max, features, cfg.latent_dim_u,
                                                cfg.decoder_output) for _ in components])
@@ -117,8 +118,7 @@ class MMVAEPlus(nn.Module):
         which = list(range(self.num_components)) if which is None else which
         chunks = []
         for rows in row_chunks(x.shape[0], chunk_rows(x.device)[0]):
-            outs = [self.encoders[m](x[rows, m: m + 1], cond_emb[rows]) for m in which]
-            chunks.append([torch.stack(t, dim=1) for t in zip(*outs)])
+            chunks.append(encode_together([self.encoders[m] for m in which], x[rows][:, which], cond_emb[rows]))
         return [at_least_float32(torch.cat(parts)) for parts in zip(*chunks)]
 
     def posteriors(self, w_loc: torch.Tensor, w_raw: torch.Tensor, z_loc: torch.Tensor,

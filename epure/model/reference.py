@@ -42,8 +42,9 @@ class StraightforwardModel:
         for m in which:
             encoder = self.model.encoders[m]
             moments = encoder.standardised_moments(x[:, m: m + 1])
-            outs.append((*tower(encoder.w_tower, x[:, m: m + 1], cond_emb, moments),
-                         *tower(encoder.z_tower, x[:, m: m + 1], cond_emb, moments)))
+            mask = F.pixel_unshuffle(x[:, m: m + 1], 2) if encoder.unshuffled else x[:, m: m + 1]
+            outs.append((*tower(encoder.w_tower, mask, cond_emb, moments),
+                         *tower(encoder.z_tower, mask, cond_emb, moments)))
         w_loc, w_raw, z_loc, z_raw = (at_least_float32(torch.stack(t, dim=1)) for t in zip(*outs))
         family = self.model.family
         return Posteriors(w_loc, family.scale(w_raw), z_loc, family.scale(z_raw))
