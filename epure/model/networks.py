@@ -141,6 +141,13 @@ class Encoder(nn.Module):
         return F.pixel_unshuffle(x, 2) if self.unshuffled else x
 
 
+def _grouped(layers: list[nn.Conv2d], x: torch.Tensor, groups: int) -> torch.Tensor:
+    """``layers`` (one per group, alike) as one grouped convolution of x, their weights concatenated."""
+    first = layers[0]
+    return F.conv2d(x, torch.cat([layer.weight for layer in layers]), torch.cat([layer.bias for layer in layers]),
+                    first.stride, first.padding, groups=groups)
+
+
 def encode_together(encoders: list[Encoder], x: torch.Tensor,
                     cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The ``encoders`` (one per channel of x [B, M, H, W]) as one network -> (w_loc, w_raw_scale, z_loc,
@@ -148,41 +155,39 @@ def encode_together(encoders: list[Encoder], x: torch.Tensor,
     blocks, SiLU, then the head on the flattened features joined with the condition embedding and the mask's
     standardised moments), up to float rounding.
 
-    Why: each of the 2M towers is a few narrow convolutions (nf 4) on a small batch, so a step spent most of its
-    encoder time on per-call overhead. Their weights are concatenated into grouped convolutions (one group per
-    tower, in NCHW: oneDNN's channels-last grouped kernels were far slower) and their heads into two batched
-    matmuls, so the towers run as 7 convolutions instead of 7 x 2M; the parameters stay the Encoders' own.
-    Measured: README, "Encoders as one network".
+    Why: the 2M towers are narrow (nf 4) and see a small batch, so calling each on its own was many small
+    convolutions. Their weights are concatenated into grouped convolutions (one group per tower, in NCHW:
+    oneDNN's channels-last grouped kernels were far slower) and their heads into two batched matmuls: the towers
+    run as 7 convolutions instead of 7 x 2M, with the Encoders' own parameters (README, "Pixel-unshuffled
+    encoders, all towers as one network").
     """
+    m = len(encoders)
     towers = [tower for encoder in encoders for tower in (encoder.w_tower, encoder.z_tower)]
     groups = len(towers)
-    stem = towers[0].stem
-    h = F.conv2d(encoders[0].towers_input(x).contiguous(), torch.cat([t.stem.weight for t in towers]), torch.cat([t.stem.bias for t in towers]),
-                 padding=stem.padding, groups=len(encoders))  # each mask feeds its encoder's two towers
-    for index, block in enumerate(towers[0].blocks):
+    # the stem: each mask (or its 4 pixel-block channels) feeds its own encoder's two towers
+    h = _grouped([t.stem for t in towers], encoders[0].towers_input(x).contiguous(), groups=m)
+    for index in range(len(towers[0].blocks)):
         blocks = [t.blocks[index] for t in towers]
-        first = F.conv2d(F.silu(h), torch.cat([b.conv1.weight for b in blocks]), torch.cat([b.conv1.bias for b in blocks]),
-                         block.conv1.stride, block.conv1.padding, groups=groups)
-        second = F.conv2d(F.silu(first), torch.cat([b.conv2.weight for b in blocks]),
-                          torch.cat([b.conv2.bias for b in blocks]), block.conv2.stride, block.conv2.padding,
-                          groups=groups)
-        stride = block.skip.stride[0]
-        sub = h[:, :, ::stride, ::stride]
-        skip = torch.einsum("btihw,toi->btohw", sub.unflatten(1, (groups, -1)),
+        h_out = _grouped([b.conv2 for b in blocks], F.silu(_grouped([b.conv1 for b in blocks], F.silu(h), groups)),
+                         groups)
+        stride = blocks[0].skip.stride[0]  # down blocks: a strided 1x1 skip, as a batched matmul per tower
+        skip = torch.einsum("btihw,toi->btohw", h[:, :, ::stride, ::stride].unflatten(1, (groups, -1)),
                             torch.stack([b.skip.weight.flatten(1) for b in blocks]))
-        h = (skip + torch.stack([b.skip.bias for b in blocks])[None, :, :, None, None]).flatten(1, 2) + second
-    features = F.silu(h).unflatten(1, (groups, -1)).flatten(2).unflatten(1, (len(encoders), 2))  # [B, M, 2, C*h*w]
-    moments = [encoder.standardised_moments(x[:, m: m + 1]) for m, encoder in enumerate(encoders)]
+        skip = skip + torch.stack([b.skip.bias for b in blocks])[None, :, :, None, None]
+        h = skip.flatten(1, 2) + h_out
+    features = F.silu(h).unflatten(1, (groups, -1)).flatten(2).unflatten(1, (m, 2))  # [B, M, 2 towers, C*h*w]
+    moments = [encoder.standardised_moments(x[:, i: i + 1]) for i, encoder in enumerate(encoders)]
     outputs = []
     for which in (0, 1):  # the w towers' heads, then the z towers'
-        heads = [towers[2 * m + which].head for m in range(len(encoders))]
-        joined = torch.stack([torch.cat([features[:, m, which], cond] + ([] if moments[m] is None else
-                                                                           [moments[m].to(features.dtype)]), dim=1)
-                              for m in range(len(encoders))])  # [M, B, in]
+        heads = [towers[2 * i + which].head for i in range(m)]
+        joined = torch.stack([torch.cat([features[:, i, which], cond] + ([] if moments[i] is None else
+                                                                           [moments[i].to(features.dtype)]), dim=1)
+                              for i in range(m)])  # [M, B, inputs]
         out = torch.baddbmm(torch.stack([head.bias for head in heads])[:, None], joined,
                             torch.stack([head.weight for head in heads]).transpose(1, 2))  # [M, B, 2 dim]
         outputs.extend(out.transpose(0, 1).chunk(2, dim=-1))
-    return outputs[0], outputs[1], outputs[2], outputs[3]
+    w_loc, w_raw_scale, z_loc, z_raw_scale = outputs
+    return w_loc, w_raw_scale, z_loc, z_raw_scale
 
 
 class Decoder(nn.Module):
