@@ -222,7 +222,7 @@ def evaluate(loaded: LoadedModel, split: Split, options: EvaluationOptions | Non
             "options": dataclasses.asdict(options), "ood_values": ood_values,
             "cross_prior": options.cross_prior or loaded.config.model.cross_prior,
             "latent_sampler": options.latent_sampler, "candidates": options.candidates,
-            "exclusive_components": loaded.exclusive_components,
+            "exclusive_components": loaded.exclusive_components, "whole_components": loaded.whole_components,
             "seconds": {k: round(v, 3) for k, v in timings.items()}}
     labels = ["+".join(loaded.components[i] for i in s) for s in observed_sets]
     return EvaluationResult(list(loaded.components), labels, iou_matrix, dice_matrix, uncond, uncond_std, real,

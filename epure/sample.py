@@ -362,7 +362,8 @@ def write_unconditional(loaded: LoadedModel, out_dir: Path | Destination, raw_co
     rows = manifest_rows(loaded, ids, raw_conditions, np.concatenate(measured), "unconditional", "")
     write_record(root, rows, loaded, {"mode": "unconditional", "observed": None, "seed": seed, "binary": binary,
                                       "threshold": loaded.threshold,
-                                      "exclusive_components": loaded.exclusive_components, "batch_size": batch_size,
+                                      "exclusive_components": loaded.exclusive_components,
+                                      "whole_components": loaded.whole_components, "batch_size": batch_size,
                                       "latent_sampler": sampler, "candidates": candidates, **(record or {})})
     return SampleReport(out, len(ids), folders, [root])
 

@@ -318,6 +318,7 @@ def test_evaluate_and_sample_take_the_sampler(trained, tmp_path) -> None:
     assert res.exit_code == 0, res.output
     info = json.loads((tmp_path / "e.json").read_text())["info"]
     assert info["latent_sampler"] == "fitted" and info["candidates"] == 3
+    assert info["whole_components"] == loaded.whole_components == list(cfg.data.components)
     assert "unconditional latents from the fitted prior, each design the best of 3 draws" in " ".join(res.output.split())
     for rule in ("prior", "fitted"):
         res = runner.invoke(app, ["sample", "--checkpoint", str(run_dir), "--num-samples", "3", "--seed", "1",

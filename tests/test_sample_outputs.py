@@ -357,6 +357,7 @@ def test_candidates_are_recorded_and_checked(trained, tmp_path) -> None:
     sample("--checkpoint", str(run_dir), "--num-samples", "3", "--out", str(tmp_path / "s"), "--candidates", "3")
     record = json.loads((tmp_path / "s" / "unconditional" / "sample.json").read_text())
     assert record["candidates"] == 3 and record["options"]["candidates"] == 3
+    assert record["whole_components"] == load_model(run_dir).whole_components == COMPONENTS  # what best_of judged
     result = CliRunner().invoke(app, ["sample", "--checkpoint", str(run_dir), "--candidates", "0", "--out",
                                       str(tmp_path / "bad")], env=WIDE)
     assert result.exit_code == 2 and "--candidates must be at least 1" in result.output, result.output
