@@ -430,7 +430,7 @@ def set_up(cfg: Config, resume: str | Path | None, data: DataBundle | None, trac
         model.standardise_moments(torch.from_numpy(data.train.images),
                                   torch.from_numpy(data.train.available))
     if resolve_compile(tc.compile, device):
-        compile_networks(list(model.decoders))  # the encoders run as one grouped network (encode_together)
+        compile_networks([*model.encoders, *model.decoders])  # narrow encoders run grouped, uncompiled
     state = TrainState(model, make_optimizer(model, tc), cfg,
                        data.normalizer, data.fingerprint, torch.tensor(data.train.conditions, dtype=torch.float32),
                        git_commit(), data_changes, exclusive_components=components_exclusive(data.train.images),

@@ -17,6 +17,7 @@ from epure.model import MMVAEPlus, forward_objective
 from epure.model.backward import objective_backward
 from epure.model.convolutions import MaskConv2d, PointwiseConv2d, UpsampleConv2d
 from epure.model.generation import completion_probabilities, unconditional_probabilities
+from epure.model.networks import GROUPED_MAX_WIDTH
 from epure.model.objectives import draw_strata
 from epure.model.reference import StraightforwardModel, conv
 
@@ -27,12 +28,13 @@ FLOAT64_TOLERANCE = 1e-10
 
 
 def small_model(m: int, family: str, decoder_output: str = "upsample", moments: bool = False,
-                encoder_input: str = "full") -> MMVAEPlus:
+                encoder_input: str = "full", nf_max: int = 16) -> MMVAEPlus:
     """With ``moments``, the encoders see the masks' shape moments, standardised on random masks like the tests'
-    (not by 0 and 1)."""
+    (not by 0 and 1). ``nf_max`` above ``GROUPED_MAX_WIDTH`` runs the encoders one by one, else as one network."""
     components = [f"c{i}" for i in range(m)]
     cfg = tiny_config(None, ".", components, **{"model.priorposterior": family, "model.decoder_output": decoder_output,
-                                                "model.encoder_moments": moments, "model.encoder_input": encoder_input})
+                                                "model.encoder_moments": moments, "model.encoder_input": encoder_input,
+                                                "model.nf_max": nf_max})
     torch.manual_seed(0)
     model = MMVAEPlus(cfg.model, components, cfg.data.image_size)
     model.standardise_moments((torch.rand(32, m, 64, 32) > 0.6).to(torch.uint8) * 255)  # as the tests' masks
@@ -51,17 +53,19 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return (torch.linalg.norm(a - b) / torch.linalg.norm(b)).item()
 
 
-@pytest.mark.parametrize("family,decoder_output,moments,encoder_input", [("Laplace", "upsample", False, "full"),
-                                                                         ("Normal", "upsample", False, "full"),
-                                                                         ("Normal", "pixel_shuffle", True,
-                                                                          "pixel_unshuffle")])
+@pytest.mark.parametrize("family,decoder_output,moments,encoder_input,nf_max",
+                         [("Laplace", "upsample", False, "full", 32), ("Normal", "upsample", False, "full", 16),
+                          ("Normal", "pixel_shuffle", True, "pixel_unshuffle", 16)])
 @pytest.mark.parametrize("objective,k", [("elbo", 1), ("dreg", 3)])
 @pytest.mark.parametrize("m", [3, 5])
 def test_fast_and_straightforward_paths_agree(m: int, objective: str, k: int, family: str,
-                                              decoder_output: str, moments: bool, encoder_input: str) -> None:
-    """The one forward path (encoders as one grouped network, the decoders' workarounds) computes the loss and
-    every gradient the straightforward one does (each tower and decoder called on its own, plain convolutions)."""
-    model = small_model(m, family, decoder_output, moments, encoder_input)
+                                              decoder_output: str, moments: bool, encoder_input: str,
+                                              nf_max: int) -> None:
+    """The one forward path (narrow encoders as one grouped network, wider ones one by one channels-last, the
+    decoders' workarounds) computes the loss and every gradient the straightforward one does (each tower and
+    decoder called on its own, plain convolutions)."""
+    assert GROUPED_MAX_WIDTH == 16  # the cases run both encoder paths
+    model = small_model(m, family, decoder_output, moments, encoder_input, nf_max)
     g = torch.Generator().manual_seed(m)
     x, c = (torch.rand(4, m, 64, 32, generator=g) > 0.6).float(), torch.randn(4, 2, generator=g)
     fast_loss, fast_grads = loss_and_gradients(model, x, c, objective, k, straightforward=False)

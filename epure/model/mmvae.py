@@ -28,7 +28,8 @@ from torch import nn
 
 from epure.config import ModelConfig
 from epure.model.latents import FAMILIES
-from epure.model.networks import ConditionMLP, Decoder, Encoder, at_least_float32, encode_together, mask_moments
+from epure.model.networks import (GROUPED_MAX_WIDTH, ConditionMLP, Decoder, Encoder, at_least_float32, encode_together,
+                                   mask_moments)
 
 
 # The networks run on chunks of rows: on the CPU a chunk's feature maps stay in the caches and its allocations
@@ -118,7 +119,11 @@ class MMVAEPlus(nn.Module):
         which = list(range(self.num_components)) if which is None else which
         chunks = []
         for rows in row_chunks(x.shape[0], chunk_rows(x.device)[0]):
-            chunks.append(encode_together([self.encoders[m] for m in which], x[rows][:, which], cond_emb[rows]))
+            if self.cfg.nf_max <= GROUPED_MAX_WIDTH:  # narrow towers: one grouped network
+                chunks.append(encode_together([self.encoders[m] for m in which], x[rows][:, which], cond_emb[rows]))
+            else:
+                outs = [self.encoders[m](x[rows, m: m + 1], cond_emb[rows]) for m in which]
+                chunks.append([torch.stack(t, dim=1) for t in zip(*outs)])
         return [at_least_float32(torch.cat(parts)) for parts in zip(*chunks)]
 
     def posteriors(self, w_loc: torch.Tensor, w_raw: torch.Tensor, z_loc: torch.Tensor,
