@@ -379,8 +379,8 @@ LatentSamplerOption = Annotated[Optional[str], typer.Option(
     "--latent-sampler", help="prior | fitted: unconditional latents from the priors p(z) p(w) or from the density "
                              "fitted to the training designs' latents (default: the model's model.latent_sampler).")]
 CandidatesOption = Annotated[Optional[int], typer.Option(
-    "--candidates", help="Each unconditional design the best of N draws: in one piece first, then nearest the "
-                         "requested width and height (default: the model's model.sample_candidates; 1: every draw "
+    "--candidates", help="Each unconditional design the best of N draws: in one piece first (every component "
+                         "whole in the training designs too), then nearest the requested width and height (default: the model's model.sample_candidates; 1: every draw "
                          "as it comes).")]
 
 

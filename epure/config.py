@@ -82,8 +82,9 @@ class ModelConfig:
     fitted_prior_components: int = 1  # Gaussians in the fitted prior (fitted at the run's end; fitted_prior.py)
     fitted_prior_z: str = "best"  # best: one expert's z decodes every component; own: each component its own expert's
     fitted_prior_kept_variance: float = 1.0  # < 1: fit only the principal directions of the latents holding this share
-    # unconditional designs: each the best of this many draws (in one piece first, then nearest the requested
-    # width and height; epure.sample.best_of); 1: every draw as it comes (the paper)
+    # unconditional designs: each the best of this many draws (in one piece first, its components as whole as in
+    # every training design, then nearest the requested width and height; epure.sample.best_of); 1: every draw
+    # as it comes (the paper)
     sample_candidates: int = 1
     calibrate_threshold: bool = False  # masks above the threshold validation calls for, not 0.5 (best_threshold)
 
