@@ -39,8 +39,8 @@ from epure.model.generation import latent_probabilities
 from epure.numerics import flush_denormals_to_zero
 from epure.train import train
 
-HEADLINE = ["cross_iou", "self_iou", "uncond/union_one_piece", "uncond/all_one_piece", "dims/width_mae",
-            "dims/height_mae", "diversity/precision", "diversity/recall", "diversity/density", "diversity/coverage",
+HEADLINE = ["cross_iou", "self_iou", "uncond/union_one_piece", "uncond/all_one_piece", "uncond/union_solid",
+            "dims/width_mae", "dims/height_mae", "diversity/precision", "diversity/recall", "diversity/density", "diversity/coverage",
             "diversity/pairwise_iou"]
 
 

@@ -60,6 +60,8 @@ def rows(metrics: dict[str, float], components: list[str], reference) -> list[Ro
             references={"real vs real": metrics["eval/real/union_one_piece"]}),
         Row("unconditional: every component is one piece", metrics["eval/uncond/all_one_piece"], GOALS["one piece"],
             references={"real vs real": metrics["eval/real/all_one_piece"]}),
+        Row("unconditional: union has no holes", metrics["eval/uncond/union_solid"],
+            references={"real vs real": metrics["eval/real/union_solid"]}),
         Row("unconditional: width error, px", metrics["eval/dims/width_mae"], GOALS["dimension error"], True,
             references={"real vs real": metrics["eval/real/width_mae"]}, digits=2),
         Row("unconditional: height error, px", metrics["eval/dims/height_mae"], GOALS["dimension error"], True,

@@ -43,8 +43,8 @@ from epure.checkpoint import LoadedModel
 from epure.data import ConditionNormalizer, DatasetError, Split, load_split, resolve_root
 from epure.data.dimensions import achievable_dimensions, measure_dimensions
 from epure.io import atomic_write_json
-from epure.metrics import (binarize, bootstrap_std, centre_of_mass, component_descriptors, design_masks, dice, iou,
-                           manifold_scores, mean_pairwise_iou, mean_pairwise_iou_within, nearest_iou, piece_counts,
+from epure.metrics import (binarize, bootstrap_std, centre_of_mass, component_descriptors, design_masks, dice, holes,
+                           iou, manifold_scores, mean_pairwise_iou, mean_pairwise_iou_within, nearest_iou, piece_counts,
                            standardise, wasserstein)
 from epure.model.generation import CROSS_PRIORS, JOINT_RULES, LATENT_SAMPLERS
 from epure.neighbours import nearest_designs
@@ -57,7 +57,7 @@ JSON_FORMAT = 1
 PREFIX = "eval"
 # Condition columns that measure_dimensions measures, in its output order, with their short metric names.
 DIMENSIONS = {"width_px": "width", "height_px": "height"}
-RATES = ("union_one_piece", "all_one_piece")  # shares of designs; every other distribution metric is a distance
+RATES = ("union_one_piece", "all_one_piece", "union_solid")  # shares of designs; every other metric is a distance
 KNN = 5  # k of the k-NN manifolds, as Kynkaanniemi et al. (2019) and Naeem et al. (2020) recommend
 MEMORISED_IOU = 0.95  # a design this close to a training design counts as a copy of it
 
@@ -332,7 +332,7 @@ def _generate(loaded: LoadedModel, raw_conditions: np.ndarray, options: Evaluati
 
 
 def design_features(masks: np.ndarray, components: list[str]) -> dict[str, np.ndarray]:
-    """Per-design quantities whose distributions are compared: overlaps, centres of mass, piece counts."""
+    """Per-design quantities whose distributions are compared: overlaps, centres of mass, piece counts, holes."""
     features = {}
     for a, b in combinations(range(len(components)), 2):
         features[f"overlap_iou/{components[a]}+{components[b]}"] = iou(masks[:, a], masks[:, b], empty=0.0)
@@ -344,6 +344,7 @@ def design_features(masks: np.ndarray, components: list[str]) -> dict[str, np.nd
     pieces = np.stack([piece_counts(masks[:, i]) for i in range(len(components))], axis=1)
     features["union_one_piece"] = features["union_pieces"] == 1
     features["all_one_piece"] = (pieces == 1).all(axis=1)
+    features["union_solid"] = ~holes(masks.any(axis=1)).any(axis=(1, 2))
     return features
 
 

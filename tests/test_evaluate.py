@@ -20,7 +20,7 @@ from epure.evaluate import (KNN, EvaluationError, EvaluationOptions, _inference_
                             comparison_table, completion_diversity, dimension_errors, distribution_scores,
                             diversity_scores, evaluate, halves, load_evaluation, ood_conditions, render_tables,
                             training_split, write_evaluation)
-from epure.metrics import binarize, dice, iou
+from epure.metrics import binarize, dice, holes, iou
 from epure.sample import complete
 from epure.train import train
 
@@ -62,7 +62,8 @@ def test_evaluate_end_to_end(trained) -> None:
     pairs = [f"{a}+{b}" for a, b in combinations(TOY_COMPONENTS, 2)]
     expected = {"eval/cross_iou", "eval/self_iou", "eval/cross_dice", "eval/self_dice",
                 "eval/cross_iou/group_nc->fpu", "eval/dice/group_nc+fpu->group_km", "eval/uncond/union_one_piece",
-                "eval/uncond/all_one_piece", "eval/uncond/w_union_pieces", "eval/real/union_one_piece",
+                "eval/uncond/all_one_piece", "eval/uncond/union_solid", "eval/real/union_solid",
+                "eval/uncond/w_union_pieces", "eval/real/union_one_piece",
                 "eval/real/all_one_piece", "eval/real/width_mae", "eval/dims/width_mae", "eval/dims/height_mae",
                 *(f"eval/uncond/w_overlap_iou/{p}" for p in pairs),
                 *(f"eval/uncond/w_com_{axis}/{c}" for axis in "yx" for c in TOY_COMPONENTS)}
@@ -73,6 +74,9 @@ def test_evaluate_end_to_end(trained) -> None:
     assert flat["eval/self_iou"] == pytest.approx(np.diag(result.iou[:m]).mean())
     for name in ("union_one_piece", "all_one_piece"):
         assert 0 <= flat[f"eval/uncond/{name}"] <= 1
+    assert loaded.exclusive_components and flat["eval/uncond/union_solid"] == 1.0  # design_masks fills holes
+    real_union = binarize(split.images).any(axis=1)
+    assert flat["eval/real/union_solid"] == pytest.approx(1 - holes(real_union).any(axis=(1, 2)).mean())
     assert flat["eval/real/union_one_piece"] == 1.0 and flat["eval/real/all_one_piece"] == 1.0  # synth guarantees
     assert all(v >= 0 for k, v in result.uncond.items() if k.startswith("w_") and math.isfinite(v))
     assert 0 <= flat["eval/dims/width_mae"] <= 64 and 0 <= flat["eval/dims/height_mae"] <= 65

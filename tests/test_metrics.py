@@ -8,7 +8,7 @@ from scipy import ndimage
 
 from epure.metrics import (best_threshold, binarize, bootstrap_std, centre_of_mass, components_exclusive,
                            components_whole,
-                           design_masks, dice, iou, piece_counts, wasserstein)
+                           design_masks, dice, holes, iou, piece_counts, wasserstein)
 
 
 def rectangle(r0: int, r1: int, c0: int, c1: int, shape: tuple[int, int] = (8, 8)) -> np.ndarray:
@@ -242,6 +242,62 @@ def test_design_masks_close_the_gaps_between_exclusive_components() -> None:
     lonely = np.zeros((1, 2, 3, 3))
     lonely[0, :, 1, 1] = 0.3  # summing past 0.5 with no claimed component beside it: nothing to join
     assert not design_masks(lonely, exclusive=True).any()
+
+
+def test_holes_are_the_empty_pixels_cut_off_from_the_border() -> None:
+    ring = np.zeros((3, 6, 6), dtype=bool)
+    ring[0, 1:5, 1:5] = True
+    ring[0, 2:4, 2:4] = False  # a 2x2 hole
+    ring[1] = ring[0]
+    ring[1, 2, 1] = False  # the hole opens to the left: still enclosed, (2, 0) is not empty...
+    ring[1, 2, 0] = False  # ... it is: the border reaches the hole through (2, 1)
+    ring[2, 0:3, 0:3] = True
+    ring[2, 1, 1] = False  # a hole in a corner square
+    ring[2, 4, 4] = True  # a separate design part: no hole between them (the background joins the border)
+    found = holes(ring)
+    assert found[0].sum() == 4 and found[0, 2:4, 2:4].all()
+    assert not found[1].any()
+    assert found[2].sum() == 1 and found[2, 1, 1]
+    diagonal = np.zeros((1, 4, 4), dtype=bool)
+    diagonal[0, 0:3, 0:3] = True
+    diagonal[0, 1, 1] = False
+    diagonal[0, 0, 0] = False  # (1, 1) touches the empty corner only diagonally: 4-connected, still a hole
+    assert holes(diagonal)[0].sum() == 1
+    # one call on a stack agrees with scipy's per-image hole filling
+    rng = np.random.default_rng(0)
+    masks = rng.random((50, 12, 8)) < 0.6
+    expected = np.stack([ndimage.binary_fill_holes(m) & ~m for m in masks])
+    np.testing.assert_array_equal(holes(masks), expected)
+
+
+def test_design_masks_fill_the_holes_of_exclusive_designs() -> None:
+    """A pixel enclosed by the design is occupied whatever its probabilities (a section is solid): it goes to
+    the likeliest component reaching it, holes fill from the rim inwards and no component gains a piece."""
+    p = np.zeros((2, 3, 5, 6))
+    p[:, 0, :, :2] = 0.9  # component 0: the left two columns
+    p[:, 1, :, 4:] = 0.9  # component 1: the right two
+    p[:, 2, 0, 2:4] = 0.9  # component 2: a bridge on top ...
+    p[:, 2, 4, 2:4] = 0.9  # ... and at the bottom: the middle 3x2 is a hole
+    p[0, 0, 1:4, 2] = 0.2  # 0 is likelier on the left column of the hole, 1 on the right
+    p[0, 1, 1:4, 2] = 0.1
+    p[0, 1, 1:4, 3] = 0.2
+    p[0, 0, 1:4, 3] = 0.1
+    p[1, 2, 1:4, 2:4] = 0.05  # design 1: component 2 is the likeliest in the whole hole, but reaches its middle late
+    masks = design_masks(p, exclusive=True)
+    assert not holes(masks.any(1)).any()
+    np.testing.assert_array_equal(masks[0, 0, 1:4, 2], True)
+    np.testing.assert_array_equal(masks[0, 1, 1:4, 3], True)
+    assert masks[0].sum() == 30 and masks[0].sum(0).max() == 1
+    # every pixel of this hole is on its rim: rows 1 and 3 go to the bridges' component 2, the middle row to
+    # the components that reach it in the same pass (2 reaches it only once rows 1 and 3 are its own)
+    assert masks[1, 2, 1, 2:4].all() and masks[1, 2, 3, 2:4].all()
+    assert masks[1, 0, 2, 2] and masks[1, 1, 2, 3] and not masks[1, 2, 2, 2:4].any()
+    drawn = piece_counts((p > 0.5).reshape(-1, 5, 6))  # component 2's two bridges are two pieces to start with
+    assert drawn.tolist() == [1, 1, 2] * 2 and (piece_counts(masks.reshape(-1, 5, 6)) <= drawn).all()
+    np.testing.assert_array_equal(design_masks(p, exclusive=False), p > 0.5)  # overlapping parts: left as drawn
+    open_notch = p.copy()
+    open_notch[:, 2, 0, 2:4] = 0.0  # the top bridge gone: the middle is a notch open to the border, not a hole
+    assert not design_masks(open_notch, exclusive=True)[:, :, 0:4, 2:4].any()
 
 
 def test_components_exclusive() -> None:
