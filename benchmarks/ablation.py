@@ -40,8 +40,8 @@ from epure.numerics import flush_denormals_to_zero
 from epure.train import train
 
 HEADLINE = ["cross_iou", "self_iou", "uncond/union_one_piece", "uncond/all_one_piece", "uncond/union_solid",
-            "dims/width_mae", "dims/height_mae", "diversity/precision", "diversity/recall", "diversity/density", "diversity/coverage",
-            "diversity/pairwise_iou"]
+            "dims/width_mae", "dims/height_mae", "diversity/precision", "diversity/recall", "diversity/density",
+            "diversity/coverage", "diversity/pairwise_iou"]
 
 
 def parse_variants(raw: list[list[str]], flag: str = "--variant") -> dict[str, dict]:

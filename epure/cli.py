@@ -380,8 +380,8 @@ LatentSamplerOption = Annotated[Optional[str], typer.Option(
                              "fitted to the training designs' latents (default: the model's model.latent_sampler).")]
 CandidatesOption = Annotated[Optional[int], typer.Option(
     "--candidates", help="Each unconditional design the best of N draws: in one piece first (every component "
-                         "whole in the training designs too), then nearest the requested width and height (default: the model's model.sample_candidates; 1: every draw "
-                         "as it comes).")]
+                         "whole in the training designs too), then nearest the requested width and height "
+                         "(default: the model's model.sample_candidates; 1: every draw as it comes).")]
 
 
 def chosen_model(checkpoint: Optional[Path], artifact: Optional[str], project: Optional[str],
