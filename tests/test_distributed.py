@@ -43,10 +43,12 @@ def test_two_processes_match_one_process_with_the_combined_batch(tmp_path) -> No
     ddp_state = torch.load(runs[0] / "checkpoints" / "last.pt", weights_only=True)
     one_state = torch.load(single.run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert ddp_state["step"] == one_state["step"] == 2
-    # Same data, same noise, gradients averaged over ranks: only the float summation order differs
-    # (tolerance: 1e-4 relative, 1e-6 absolute, after two Adam steps of lr 2e-3).
+    # Same data, same noise, gradients averaged over ranks: only the float summation order differs. Adam
+    # normalises each element's step, so where a gradient is near zero that order can change the step itself:
+    # 5e-5 absolute (2.5% of one step of lr 2e-3; 7.3e-6 seen on one element of 2,304 on an AVX-512 CPU).
     for key, value in one_state["model"].items():
-        torch.testing.assert_close(ddp_state["model"][key], value, rtol=1e-4, atol=1e-6, msg=key)
+        torch.testing.assert_close(ddp_state["model"][key], value, rtol=1e-4, atol=5e-5,
+                                   msg=lambda detail, key=key: f"{key}: {detail}")
     # and training really moved the weights away from their (seeded) initial values
     torch.manual_seed(single_cfg.train.seed)
     initial = MMVAEPlus(single_cfg.model, single_cfg.data.components, single_cfg.data.image_size).state_dict()
