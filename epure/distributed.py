@@ -10,6 +10,7 @@ checkpoints and talks to W&B. NCCL on GPUs, gloo on CPUs. A single process (no W
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from dataclasses import dataclass
@@ -43,6 +44,11 @@ def start(device_name: str) -> tuple[Distributed, str]:
     use_cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
     owns = not dist.is_initialized()
     if owns:
+        # torch.optim imports torch._dynamo on first use, and imported after the group exists it holds references
+        # to it: destroy_process_group could then not free the group, gloo's worker threads would outlive main,
+        # and one of them, releasing its last all-reduce's tensor while Python shuts down, aborts the process
+        # (SIGABRT, "terminate called without an active exception": 1 run in 20 of `--devices 2` on a CPU).
+        importlib.import_module("torch._dynamo")
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     if use_cuda:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
@@ -53,6 +59,7 @@ def start(device_name: str) -> tuple[Distributed, str]:
 
 
 def stop(ctx: Distributed) -> None:
+    """Leave the process group; its worker threads end here, not while Python shuts down."""
     if ctx.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 
