@@ -46,7 +46,7 @@ from epure.data.dimensions import achievable_dimensions, measure_dimensions
 from epure.io import atomic_write_json, atomic_write_text, claim_dir
 from epure.metrics import design_masks, piece_counts
 from epure.model.generation import LATENT_SAMPLERS, completion_probabilities, unconditional_probabilities
-from epure.viz import composite, design_grid, grid, save_png
+from epure.viz import composite, grid, save_png
 
 log = logging.getLogger(__name__)
 
@@ -271,6 +271,13 @@ def to_png_array(probs: np.ndarray, binary: bool, exclusive: bool = False, thres
     return (np.clip(probs, 0, 1) * 255).round().astype(np.uint8)
 
 
+def design_composites(probs: np.ndarray, threshold: float, exclusive: bool = False) -> list[np.ndarray]:
+    """Each design's colour composite drawn from its masks as ``--binary`` writes them (metrics.design_masks):
+    drawn from the probabilities, the boundary two components share shows as a pale seam wherever both
+    decoders are unsure which of them owns a pixel, a seam the design itself does not have."""
+    return [composite(masks) for masks in design_masks(probs, exclusive, threshold)]
+
+
 def _write_pngs(jobs: list[tuple[Path, np.ndarray]]) -> None:
     def write(job: tuple[Path, np.ndarray]) -> None:
         path, array = job
@@ -350,15 +357,16 @@ def write_unconditional(loaded: LoadedModel, out_dir: Path | Destination, raw_co
     for start, batch in zip(range(0, len(ids), batch_size), generate(loaded, raw_conditions, batch_size, seed,
                                                                     sampler, candidates)):
         pixels = to_png_array(batch, binary, loaded.exclusive_components, loaded.threshold)
+        pictures = design_composites(batch, loaded.threshold, loaded.exclusive_components)
         jobs = []
         for j, design in enumerate(pixels):
             sample_id = ids[start + j]
             jobs += [(root / c / f"{sample_id}_{c}.png", design[m]) for m, c in enumerate(loaded.components)]
-            jobs.append((root / "composites" / f"{sample_id}.png", composite(design)))
+            jobs.append((root / "composites" / f"{sample_id}.png", pictures[j]))
         _write_pngs(jobs)
         measured.append(measured_dimensions(pixels))
-        preview += list(pixels[: max(0, grid_count - len(preview))])
-    save_png(design_grid(np.stack(preview)), root / "grid.png")
+        preview += [[*pixels[j], pictures[j]] for j in range(min(len(pixels), grid_count - len(preview)))]
+    save_png(grid(preview), root / "grid.png")
     rows = manifest_rows(loaded, ids, raw_conditions, np.concatenate(measured), "unconditional", "")
     write_record(root, rows, loaded, {"mode": "unconditional", "observed": None, "seed": seed, "binary": binary,
                                       "threshold": loaded.threshold,
@@ -407,9 +415,10 @@ def write_completions(loaded: LoadedModel, out_dir: Path | Destination, images: 
             _write_pngs([(targets[c] / f"{ids[rows[start + j]]}_{c}.png", design[m])
                          for j, design in enumerate(pixels) for m, c in enumerate(loaded.components)])
             measured.append(measured_dimensions(pixels))
-            for j in range(min(len(pixels), grid_count - len(preview_rows))):
+            shown = min(len(pixels), grid_count - len(preview_rows))
+            for j, picture in enumerate(design_composites(batch[:shown], loaded.threshold)):
                 truth = images[rows[start + j]]
-                preview_rows.append([*truth, composite(truth), *pixels[j], composite(pixels[j])])
+                preview_rows.append([*truth, composite(truth), *pixels[j], picture])
         save_png(grid(preview_rows), out / label / "grid.png")
         manifest = manifest_rows(loaded, [ids[i] for i in rows], raw_conditions[rows], np.concatenate(measured),
                                  "inpainting", label)
@@ -457,9 +466,10 @@ def write_available_completions(loaded: LoadedModel, out_dir: Path | Destination
             _write_pngs([(folders[m] / f"{ids[i]}_{c}.png", design[m])
                          for i, design in zip(rows[start:], pixels) for m, c in enumerate(loaded.components)])
             measured[rows[start:start + len(pixels)]] = measured_dimensions(pixels)
-            for i, design in zip(rows[start:], pixels):
+            for j, i in enumerate(rows[start:start + len(pixels)]):
                 if i < grid_count:
-                    preview[int(i)] = [*images[i], composite(images[i]), *design, composite(design)]
+                    (picture,) = design_composites(batch[j:j + 1], loaded.threshold)
+                    preview[int(i)] = [*images[i], composite(images[i]), *pixels[j], picture]
     save_png(grid([preview[i] for i in sorted(preview)]), root / "grid.png")
     table = "\n".join([",".join(["id", *loaded.components])] +
                        [",".join([str(i), *("1" if a else "0" for a in row)]) for i, row in zip(ids, available)])
@@ -480,7 +490,7 @@ def record_table(loaded: LoadedModel, folder: Path,
                  images: int = TABLE_IMAGES) -> tuple[list[str], list[list[Any]]]:
     """A finished folder's samples.csv as (columns, rows) with one more column, each design's colour composite
     (uint8 [H, 2W, 3]) for the first ``images`` rows, None after: read back from the folder's own PNGs, so a
-    table shows what was written."""
+    table shows what was written (its composites/, else its component masks at the model's threshold)."""
     import pandas as pd
 
     text = {loaded.config.data.id_column: str, "mode": str, "observed": str}
@@ -490,8 +500,13 @@ def record_table(loaded: LoadedModel, folder: Path,
         picture = None
         if i < images:
             sample_id = values[0]
-            picture = composite(np.stack([np.asarray(Image.open(folder / c / f"{sample_id}_{c}.png").convert("L"))
-                                          for c in loaded.components]))
+            drawn = folder / "composites" / f"{sample_id}.png"
+            if drawn.is_file():
+                picture = np.asarray(Image.open(drawn).convert("RGB"))
+            else:
+                masks = np.stack([np.asarray(Image.open(folder / c / f"{sample_id}_{c}.png").convert("L"))
+                                  for c in loaded.components])
+                picture = composite(masks > loaded.threshold * 255)
         rows.append([*values, picture])
     return [*table.columns, "composite"], rows
 
@@ -513,10 +528,10 @@ def progress_images(loaded: LoadedModel, images: np.ndarray, raw_conditions: np.
                     count: int = 8, seed: int = 0) -> dict[str, Image.Image]:
     """The pictures logged while training: prior samples, the cross-component matrix, colour composites."""
     (samples,) = generate(loaded, raw_conditions[:count], batch_size=count, seed=seed)
-    composites = grid([[composite(s) for s in design_masks(samples, loaded.exclusive_components, loaded.threshold)]])
-    return {"samples/unconditional": design_grid(samples),
+    pictures = design_composites(samples, loaded.threshold, loaded.exclusive_components)
+    return {"samples/unconditional": grid([[*s, picture] for s, picture in zip(samples, pictures)]),
             "samples/cross_matrix": cross_matrix_image(loaded, images, raw_conditions, seed),
-            "samples/composites": composites}
+            "samples/composites": grid([pictures])}
 
 
 NEAREST_ROWS = 16  # a fixed condition draws the free ones from this many nearest training rows (and ties)

@@ -19,9 +19,10 @@ from epure.checkpoint import LoadedModel, load_model
 from epure.cli import app
 from epure.data import load_split
 from epure.data.dimensions import measure_dimensions
-from epure.sample import (Destination, SamplingError, check_ids, record_table, unconditional_requests,
-                          write_unconditional)
+from epure.sample import (Destination, SamplingError, check_ids, design_composites, record_table,
+                          unconditional_requests, write_unconditional)
 from epure.train import train
+from epure.viz import composite
 
 from factories import synthetic_dataset, tiny_config
 from wandb_records import OfflineRun, find_run_file
@@ -203,6 +204,38 @@ def test_library_writer_refuses_a_used_folder(trained, tmp_path) -> None:
     with pytest.raises(SamplingError, match="--overwrite"):
         write_unconditional(loaded, tmp_path / "lib", raw, ids)
     write_unconditional(loaded, Destination(tmp_path / "lib", overwrite=True), raw, ids)
+
+
+def test_composites_show_the_design_as_binary_writes_it_whatever_the_masks(trained, tmp_path) -> None:
+    """Grey masks keep the decoder's probabilities; the composite is the design itself, so it is the same
+    picture with or without --binary (drawn from probabilities, shared boundaries came out as pale seams)."""
+    run_dir, _ = trained
+    grey, binary = tmp_path / "grey", tmp_path / "binary"
+    sample("--checkpoint", str(run_dir), "--num-samples", "4", "--out", str(grey), "--seed", "3")
+    sample("--checkpoint", str(run_dir), "--num-samples", "4", "--out", str(binary), "--seed", "3", "--binary")
+    a, b = pngs(grey / "unconditional"), pngs(binary / "unconditional")
+    masks = [name for name in a if not name.startswith("composites") and name != "grid.png"]
+    assert any(not np.isin(a[name], [0, 255]).all() for name in masks)  # grey levels: the test means something
+    assert all(np.isin(b[name], [0, 255]).all() for name in masks)
+    composites = [name for name in a if name.startswith("composites")]
+    assert len(composites) == 4
+    for name in composites:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+        stack = np.stack([b[f"{c}/{Path(name).stem}_{c}.png"] for c in COMPONENTS])
+        np.testing.assert_array_equal(a[name], composite(stack), err_msg=name)
+
+
+def test_design_composites_close_the_seam_two_unsure_components_share() -> None:
+    probs = np.zeros((1, 2, 4, 4), dtype=np.float32)
+    probs[0, 0, :, :2], probs[0, 1, :, 3:] = 0.9, 0.9
+    probs[0, :, :, 2] = 0.4  # the boundary column: each decoder 0.4 sure it is its own
+    (exclusive,) = design_composites(probs, threshold=0.5, exclusive=True)
+    (separate,) = design_composites(probs, threshold=0.5)
+    white = np.array([255, 255, 255])
+    assert not (exclusive[:, 2] == white).all(axis=-1).any()  # each boundary pixel goes to one of them
+    assert (separate[:, 2] == white).all()  # thresholded apart, neither owns it: the --binary completion's gap
+    assert not (composite(probs[0])[:, 2] == white).all(axis=-1).any() and \
+        (composite(probs[0])[:, 2] != exclusive[:, 2]).any()  # from probabilities: a pale mix, the old seam
 
 
 def test_with_wandb_the_run_logs_a_table_and_a_samples_artifact(trained, tmp_path, wandb_sandbox) -> None:
