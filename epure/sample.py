@@ -273,8 +273,9 @@ def to_png_array(probs: np.ndarray, binary: bool, exclusive: bool = False, thres
 
 def design_composites(probs: np.ndarray, threshold: float, exclusive: bool = False) -> list[np.ndarray]:
     """Each design's colour composite drawn from its masks as ``--binary`` writes them (metrics.design_masks):
-    drawn from the probabilities, the boundary two components share shows as a pale seam wherever both
-    decoders are unsure which of them owns a pixel, a seam the design itself does not have."""
+    drawn from the probabilities, or from each component thresholded alone, the boundary two components share
+    shows as a pale or white seam wherever both decoders are unsure which of them owns a pixel, a seam the
+    design itself does not have."""
     return [composite(masks) for masks in design_masks(probs, exclusive, threshold)]
 
 
@@ -411,12 +412,13 @@ def write_completions(loaded: LoadedModel, out_dir: Path | Destination, images: 
         batches = complete(loaded, images[rows], raw_conditions[rows], observed, joint, use_mean, batch_size, seed,
                            cross_prior)
         for start, batch in zip(range(0, len(rows), batch_size), batches):
-            pixels = to_png_array(batch, binary, threshold=loaded.threshold)
+            pixels = to_png_array(batch, binary, loaded.exclusive_components, loaded.threshold)
             _write_pngs([(targets[c] / f"{ids[rows[start + j]]}_{c}.png", design[m])
                          for j, design in enumerate(pixels) for m, c in enumerate(loaded.components)])
             measured.append(measured_dimensions(pixels))
             shown = min(len(pixels), grid_count - len(preview_rows))
-            for j, picture in enumerate(design_composites(batch[:shown], loaded.threshold)):
+            pictures = design_composites(batch[:shown], loaded.threshold, loaded.exclusive_components)
+            for j, picture in enumerate(pictures):
                 truth = images[rows[start + j]]
                 preview_rows.append([*truth, composite(truth), *pixels[j], picture])
         save_png(grid(preview_rows), out / label / "grid.png")
@@ -424,7 +426,7 @@ def write_completions(loaded: LoadedModel, out_dir: Path | Destination, images: 
                                  "inpainting", label)
         write_record(out / label, manifest, loaded, {
             "mode": "inpainting", "observed": names, "seed": seed, "binary": binary, "threshold": loaded.threshold,
-            "batch_size": batch_size,
+            "exclusive_components": loaded.exclusive_components, "batch_size": batch_size,
             "joint_rule": joint, "mean": use_mean, "cross_prior": cross_prior or loaded.config.model.cross_prior,
             **(record or {})})
         folders += list(targets.values())
@@ -462,13 +464,14 @@ def write_available_completions(loaded: LoadedModel, out_dir: Path | Destination
         batches = complete(loaded, images[rows], raw_conditions[rows], observed, joint, use_mean, batch_size, seed,
                            cross_prior)
         for start, batch in zip(range(0, len(rows), batch_size), batches):
-            pixels = to_png_array(batch, binary, threshold=loaded.threshold)
+            pixels = to_png_array(batch, binary, loaded.exclusive_components, loaded.threshold)
             _write_pngs([(folders[m] / f"{ids[i]}_{c}.png", design[m])
                          for i, design in zip(rows[start:], pixels) for m, c in enumerate(loaded.components)])
             measured[rows[start:start + len(pixels)]] = measured_dimensions(pixels)
             for j, i in enumerate(rows[start:start + len(pixels)]):
                 if i < grid_count:
-                    (picture,) = design_composites(batch[j:j + 1], loaded.threshold)
+                    (picture,) = design_composites(batch[j:j + 1], loaded.threshold,
+                                                     loaded.exclusive_components)
                     preview[int(i)] = [*images[i], composite(images[i]), *pixels[j], picture]
     save_png(grid([preview[i] for i in sorted(preview)]), root / "grid.png")
     table = "\n".join([",".join(["id", *loaded.components])] +
@@ -477,7 +480,7 @@ def write_available_completions(loaded: LoadedModel, out_dir: Path | Destination
     own = ["+".join(c for c, has in zip(loaded.components, row) if has) for row in available]
     write_record(root, manifest_rows(loaded, ids, raw_conditions, measured, "inpainting", own), loaded, {
         "mode": "inpainting", "observed": AVAILABLE, "seed": seed, "binary": binary, "threshold": loaded.threshold,
-        "batch_size": batch_size,
+        "exclusive_components": loaded.exclusive_components, "batch_size": batch_size,
         "joint_rule": joint, "mean": use_mean, "cross_prior": cross_prior or loaded.config.model.cross_prior,
         **(record or {})})
     return SampleReport(out, len(ids), folders, [root])
@@ -520,7 +523,7 @@ def cross_matrix_image(loaded: LoadedModel, images: np.ndarray, raw_conditions: 
         for m in range(len(loaded.components)):
             (batch,) = complete(loaded, images[i: i + 1], raw_conditions[i: i + 1], [m], seed=seed,
                                 cross_prior=cross_prior)
-            rows.append([*batch[0], composite(batch[0] > loaded.threshold)])
+            rows.append([*batch[0], *design_composites(batch[:1], loaded.threshold, loaded.exclusive_components)])
     return grid(rows)
 
 

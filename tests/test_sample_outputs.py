@@ -19,8 +19,9 @@ from epure.checkpoint import LoadedModel, load_model
 from epure.cli import app
 from epure.data import load_split
 from epure.data.dimensions import measure_dimensions
-from epure.sample import (Destination, SamplingError, check_ids, design_composites, record_table,
-                          unconditional_requests, write_unconditional)
+from epure.metrics import design_masks
+from epure.sample import (Destination, SamplingError, check_ids, complete, design_composites, record_table,
+                          unconditional_requests, write_completions, write_unconditional)
 from epure.train import train
 from epure.viz import composite
 
@@ -223,7 +224,31 @@ def test_composites_show_the_design_as_binary_writes_it_whatever_the_masks(train
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
         stack = np.stack([b[f"{c}/{Path(name).stem}_{c}.png"] for c in COMPONENTS])
         np.testing.assert_array_equal(a[name], composite(stack), err_msg=name)
+    # completions too: the grid's generated composite is the same picture with or without --binary
+    for out, extra in ((grey, []), (binary, ["--binary"])):
+        sample("--checkpoint", str(run_dir), "--mode", "inpainting", "--components", "fpu", "--limit", "2", "--out",
+               str(out), "--seed", "3", *extra)
+    soft, hard = (np.asarray(Image.open(out / "fpu" / "grid.png")) for out in (grey, binary))
+    last = slice(soft.shape[1] - (64 + 2) * 3, soft.shape[1])  # the last tile column (x3 scale): 64 px + padding
+    np.testing.assert_array_equal(soft[:, last], hard[:, last])
+    assert not np.array_equal(soft, hard)  # while the generated masks beside them differ
 
+
+def test_binary_completions_decide_shared_pixels_as_unconditional_designs_do(trained, tmp_path) -> None:
+    """A completion is a whole design too: --binary writes its masks through metrics.design_masks (pixels two
+    unsure components share go to one of them, enclosed pixels are filled), not each component alone."""
+    loaded = load_model(trained[0])
+    assert loaded.exclusive_components  # synthetic designs: one material per pixel
+    split = load_split(trained[1], "test", loaded.config.data)
+    ids = [str(i) for i in split.ids[:6]]
+    write_completions(loaded, tmp_path / "c", split.images[:6], split.conditions[:6], ids, [["fpu"]], binary=True,
+                      seed=5)
+    (probs,) = complete(loaded, split.images[:6], split.conditions[:6], [COMPONENTS.index("fpu")], seed=5)
+    expected = design_masks(probs, True, loaded.threshold)
+    written = np.stack([np.stack([np.asarray(Image.open(tmp_path / "c" / "fpu" / c / f"{i}_{c}.png")) > 127
+                                  for c in COMPONENTS]) for i in ids])
+    np.testing.assert_array_equal(written, expected)
+    assert json.loads((tmp_path / "c" / "fpu" / "sample.json").read_text())["exclusive_components"] is True
 
 def test_design_composites_close_the_seam_two_unsure_components_share() -> None:
     probs = np.zeros((1, 2, 4, 4), dtype=np.float32)
@@ -233,7 +258,7 @@ def test_design_composites_close_the_seam_two_unsure_components_share() -> None:
     (separate,) = design_composites(probs, threshold=0.5)
     white = np.array([255, 255, 255])
     assert not (exclusive[:, 2] == white).all(axis=-1).any()  # each boundary pixel goes to one of them
-    assert (separate[:, 2] == white).all()  # thresholded apart, neither owns it: the --binary completion's gap
+    assert (separate[:, 2] == white).all()  # thresholded apart (components that may overlap), neither owns it
     assert not (composite(probs[0])[:, 2] == white).all(axis=-1).any() and \
         (composite(probs[0])[:, 2] != exclusive[:, 2]).any()  # from probabilities: a pale mix, the old seam
 
