@@ -279,6 +279,17 @@ def design_composites(probs: np.ndarray, threshold: float, exclusive: bool = Fal
     return [composite(masks) for masks in design_masks(probs, exclusive, threshold)]
 
 
+def written_designs(probs: np.ndarray, binary: bool, exclusive: bool, threshold: float,
+                    pictures: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The uint8 masks as written (``to_png_array``) and the colour composites of the first ``pictures``
+    designs, each design's masks decided once: with ``binary`` the written masks are the design's, so the
+    composites are drawn from them (design_masks labels holes, which is not free)."""
+    if binary:
+        pixels = to_png_array(probs, True, exclusive, threshold)
+        return pixels, [composite(design) for design in pixels[:pictures]]
+    return to_png_array(probs, False), design_composites(probs[:pictures], threshold, exclusive)
+
+
 def _write_pngs(jobs: list[tuple[Path, np.ndarray]]) -> None:
     def write(job: tuple[Path, np.ndarray]) -> None:
         path, array = job
@@ -357,8 +368,7 @@ def write_unconditional(loaded: LoadedModel, out_dir: Path | Destination, raw_co
     candidates = sample_candidates(loaded, candidates)
     for start, batch in zip(range(0, len(ids), batch_size), generate(loaded, raw_conditions, batch_size, seed,
                                                                     sampler, candidates)):
-        pixels = to_png_array(batch, binary, loaded.exclusive_components, loaded.threshold)
-        pictures = design_composites(batch, loaded.threshold, loaded.exclusive_components)
+        pixels, pictures = written_designs(batch, binary, loaded.exclusive_components, loaded.threshold, len(batch))
         jobs = []
         for j, design in enumerate(pixels):
             sample_id = ids[start + j]
@@ -412,12 +422,11 @@ def write_completions(loaded: LoadedModel, out_dir: Path | Destination, images: 
         batches = complete(loaded, images[rows], raw_conditions[rows], observed, joint, use_mean, batch_size, seed,
                            cross_prior)
         for start, batch in zip(range(0, len(rows), batch_size), batches):
-            pixels = to_png_array(batch, binary, loaded.exclusive_components, loaded.threshold)
+            pixels, pictures = written_designs(batch, binary, loaded.exclusive_components, loaded.threshold,
+                                               grid_count - len(preview_rows))
             _write_pngs([(targets[c] / f"{ids[rows[start + j]]}_{c}.png", design[m])
                          for j, design in enumerate(pixels) for m, c in enumerate(loaded.components)])
             measured.append(measured_dimensions(pixels))
-            shown = min(len(pixels), grid_count - len(preview_rows))
-            pictures = design_composites(batch[:shown], loaded.threshold, loaded.exclusive_components)
             for j, picture in enumerate(pictures):
                 truth = images[rows[start + j]]
                 preview_rows.append([*truth, composite(truth), *pixels[j], picture])
@@ -464,15 +473,15 @@ def write_available_completions(loaded: LoadedModel, out_dir: Path | Destination
         batches = complete(loaded, images[rows], raw_conditions[rows], observed, joint, use_mean, batch_size, seed,
                            cross_prior)
         for start, batch in zip(range(0, len(rows), batch_size), batches):
-            pixels = to_png_array(batch, binary, loaded.exclusive_components, loaded.threshold)
+            batch_rows = rows[start:start + len(batch)]  # ascending: those shown in the grid come first
+            pixels, pictures = written_designs(batch, binary, loaded.exclusive_components, loaded.threshold,
+                                               int((batch_rows < grid_count).sum()))
             _write_pngs([(folders[m] / f"{ids[i]}_{c}.png", design[m])
-                         for i, design in zip(rows[start:], pixels) for m, c in enumerate(loaded.components)])
-            measured[rows[start:start + len(pixels)]] = measured_dimensions(pixels)
-            for j, i in enumerate(rows[start:start + len(pixels)]):
-                if i < grid_count:
-                    (picture,) = design_composites(batch[j:j + 1], loaded.threshold,
-                                                     loaded.exclusive_components)
-                    preview[int(i)] = [*images[i], composite(images[i]), *pixels[j], picture]
+                         for i, design in zip(batch_rows, pixels) for m, c in enumerate(loaded.components)])
+            measured[batch_rows] = measured_dimensions(pixels)
+            for j, picture in enumerate(pictures):
+                i = batch_rows[j]
+                preview[int(i)] = [*images[i], composite(images[i]), *pixels[j], picture]
     save_png(grid([preview[i] for i in sorted(preview)]), root / "grid.png")
     table = "\n".join([",".join(["id", *loaded.components])] +
                        [",".join([str(i), *("1" if a else "0" for a in row)]) for i, row in zip(ids, available)])

@@ -55,7 +55,6 @@ def test_two_processes_match_one_process_with_the_combined_batch(tmp_path) -> No
     assert max((one_state["model"][k] - v).abs().max().item() for k, v in initial.items()) > 1e-4
 
 
-
 COLLECTIVES = """
 import os
 import torch

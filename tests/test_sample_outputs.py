@@ -250,6 +250,7 @@ def test_binary_completions_decide_shared_pixels_as_unconditional_designs_do(tra
     np.testing.assert_array_equal(written, expected)
     assert json.loads((tmp_path / "c" / "fpu" / "sample.json").read_text())["exclusive_components"] is True
 
+
 def test_design_composites_close_the_seam_two_unsure_components_share() -> None:
     probs = np.zeros((1, 2, 4, 4), dtype=np.float32)
     probs[0, 0, :, :2], probs[0, 1, :, 3:] = 0.9, 0.9
