@@ -47,7 +47,7 @@ def start(device_name: str) -> tuple[Distributed, str]:
         # torch.optim imports torch._dynamo on first use, and imported after the group exists it holds references
         # to it: destroy_process_group could then not free the group, gloo's worker threads would outlive main,
         # and one of them, releasing its last all-reduce's tensor while Python shuts down, aborts the process
-        # (SIGABRT, "terminate called without an active exception": 1 run in 20 of `--devices 2` on a CPU).
+        # (SIGABRT, "terminate called without an active exception": 3 of 60 runs of benchmarks/ddp_exit.py).
         importlib.import_module("torch._dynamo")
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     if use_cuda:
