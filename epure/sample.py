@@ -502,7 +502,8 @@ def record_table(loaded: LoadedModel, folder: Path,
                  images: int = TABLE_IMAGES) -> tuple[list[str], list[list[Any]]]:
     """A finished folder's samples.csv as (columns, rows) with one more column, each design's colour composite
     (uint8 [H, 2W, 3]) for the first ``images`` rows, None after: read back from the folder's own PNGs, so a
-    table shows what was written (its composites/, else its component masks at the model's threshold)."""
+    table shows what was written: its composites/, else (completion folders) the composites of its component
+    masks decided as the folder's grid draws them (``design_composites``), so no seam shows that the grid lacks."""
     import pandas as pd
 
     text = {loaded.config.data.id_column: str, "mode": str, "observed": str}
@@ -518,7 +519,8 @@ def record_table(loaded: LoadedModel, folder: Path,
             else:
                 masks = np.stack([np.asarray(Image.open(folder / c / f"{sample_id}_{c}.png").convert("L"))
                                   for c in loaded.components])
-                picture = composite(masks > loaded.threshold * 255)
+                (picture,) = design_composites(masks[None] / 255.0, loaded.threshold,
+                                               loaded.exclusive_components)
         rows.append([*values, picture])
     return [*table.columns, "composite"], rows
 

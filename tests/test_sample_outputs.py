@@ -264,6 +264,30 @@ def test_design_composites_close_the_seam_two_unsure_components_share() -> None:
         (composite(probs[0])[:, 2] != exclusive[:, 2]).any()  # from probabilities: a pale mix, the old seam
 
 
+def test_the_table_of_a_completion_folder_shows_its_design_without_the_seam(trained, tmp_path) -> None:
+    """A completion folder has no composites/: its W&B table draws each design from the written masks, deciding
+    shared pixels as its grid does, not thresholding each component alone."""
+    run_dir, _ = trained
+    out = tmp_path / "grey"
+    sample("--checkpoint", str(run_dir), "--mode", "inpainting", "--components", "fpu", "--limit", "1", "--out",
+           str(out))
+    loaded = load_model(run_dir)
+    assert loaded.exclusive_components and not (out / "fpu" / "composites").exists()
+    ((sample_id, *_),) = pd.read_csv(out / "fpu" / "samples.csv", dtype=str).itertuples(index=False)
+    masks = np.zeros((len(COMPONENTS), 64, 32), dtype=np.uint8)  # two components sharing an unsure column
+    masks[0, 10:50, 4:15], masks[1, 10:50, 16:28] = 230, 230
+    masks[:2, 10:50, 15] = 102  # each decoder 0.4 sure the column is its own
+    for mask, c in zip(masks, COMPONENTS):
+        Image.fromarray(mask).save(out / "fpu" / c / f"{sample_id}_{c}.png")
+    _, rows = record_table(loaded, out / "fpu")
+    picture = rows[0][-1]
+    (expected,) = design_composites(masks[None] / 255.0, loaded.threshold, True)
+    np.testing.assert_array_equal(picture, expected)
+    white = np.array([255, 255, 255])
+    assert not (picture[10:50, 15] == white).all(axis=-1).any()  # the column belongs to one of them
+    assert (composite(masks > loaded.threshold * 255)[10:50, 15] == white).all()  # thresholded apart: a seam
+
+
 def test_with_wandb_the_run_logs_a_table_and_a_samples_artifact(trained, tmp_path, wandb_sandbox) -> None:
     run_dir, _ = trained
     out = tmp_path / "logged"
