@@ -36,6 +36,7 @@ from epure.io import atomic_write_json
 from epure.metrics import binarize
 from epure.model.fitted_prior import design_latents, fit_prior
 from epure.model.generation import latent_probabilities
+from epure.allocator import keep_freed_memory
 from epure.numerics import flush_denormals_to_zero
 from epure.train import train
 
@@ -87,6 +88,7 @@ def reconstruction_scores(loaded, test, limit: int, seed: int = 0) -> dict[str, 
 
 def main() -> None:
     flush_denormals_to_zero()  # as the CLI does, before any torch work
+    keep_freed_memory()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="small")
     parser.add_argument("--max-steps", type=int, default=0)

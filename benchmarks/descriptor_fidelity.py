@@ -36,6 +36,7 @@ from epure.checkpoint import load_model
 from epure.data import load_data
 from epure.io import atomic_write_json
 from epure.metrics import DESCRIPTORS, binarize, component_descriptors, design_masks
+from epure.allocator import keep_freed_memory
 from epure.numerics import flush_denormals_to_zero
 from epure.sample import complete, generate
 
@@ -85,6 +86,7 @@ def print_rows(console: Console, rows: list[dict], title: str) -> None:
 
 def main() -> None:
     flush_denormals_to_zero()
+    keep_freed_memory()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="run directory or checkpoint")
     parser.add_argument("--limit", type=int, default=900, help="test designs (the first N)")

@@ -33,6 +33,7 @@ from epure.config import load_config, parse_overrides
 from epure.data import ConditionNormalizer, DataBundle, Split, load_data
 from epure.evaluate import EvaluationOptions, evaluate
 from epure.io import atomic_write_text
+from epure.allocator import keep_freed_memory
 from epure.numerics import flush_denormals_to_zero
 from epure.train import train
 from toy_benchmark import LOWER_IS_BETTER, our_row
@@ -60,6 +61,7 @@ def arm_bundle(data: DataBundle, train_split: Split) -> DataBundle:
 
 def main() -> None:
     flush_denormals_to_zero()  # as the CLI does, before any torch work
+    keep_freed_memory()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="toy", help="builtin config name or YAML file (default: toy)")
     parser.add_argument("--max-steps", type=int, required=True, help="optimiser steps of each arm")

@@ -25,6 +25,7 @@ from epure.config import load_config, parse_overrides
 from epure.model import MMVAEPlus
 from epure.model.backward import objective_backward
 from epure.model.objectives import draw_strata
+from epure.allocator import keep_freed_memory
 from epure.numerics import flush_denormals_to_zero
 from epure.train import make_optimizer
 
@@ -55,6 +56,7 @@ class Variant:
 
 def main() -> None:
     flush_denormals_to_zero()
+    keep_freed_memory()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="small")
     parser.add_argument("--batch-size", type=int, default=0, help="default: the config's train.batch_size")

@@ -30,6 +30,7 @@ from rich.console import Console
 
 from epure.data import load_data
 from epure.io import atomic_write_text
+from epure.allocator import keep_freed_memory
 from epure.numerics import flush_denormals_to_zero
 
 from quality import (Row, arguments, budget_config, diversity_rows, knn_reference, render, rules, title,
@@ -72,6 +73,7 @@ def rows(metrics: dict[str, float], components: list[str], reference) -> list[Ro
 
 def main() -> None:
     flush_denormals_to_zero()  # as the CLI does, before any torch work
+    keep_freed_memory()
     args = arguments(__doc__, config="synth", output_dir="outputs/synth_benchmark", eval_limit=2000).parse_args()
     console = Console(width=max(Console().width, 140))
     cfg = budget_config(args, SYNTHETIC)

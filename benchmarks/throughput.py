@@ -42,6 +42,7 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode
 
+from epure.allocator import keep_freed_memory
 from epure.config import Config, load_config, parse_overrides
 from epure.io import atomic_write_json
 from epure.model import MMVAEPlus, forward_objective
@@ -492,9 +493,14 @@ def main() -> None:
                         help="also: the first config cut to 2..M components, a step's memory against its arithmetic")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="config keys set on every config, as `epure train --set` (e.g. model.nf=16)")
+    parser.add_argument("--glibc-defaults", action="store_true",
+                        help="leave glibc's malloc thresholds as they are instead of keeping freed memory as the CLI "
+                             "does (epure/allocator.py)")
     parser.add_argument("--json", type=Path, default=Path("throughput.json"))
     args = parser.parse_args()
     args.overrides = parse_overrides(args.set)
+    if not args.glibc_defaults:
+        keep_freed_memory()  # as the CLI does, for both paths alike (benchmarks/allocator.py: with and without)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

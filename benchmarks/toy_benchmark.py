@@ -28,6 +28,7 @@ from rich.console import Console
 
 from epure.data import load_data
 from epure.io import atomic_write_text
+from epure.allocator import keep_freed_memory
 from epure.numerics import flush_denormals_to_zero
 
 from quality import (Row, arguments, budget_config, diversity_rows, knn_reference, render, rules, title,
@@ -90,6 +91,7 @@ def rows(metrics: dict[str, float], knn: dict[str, float]) -> list[Row]:
 
 def main() -> None:
     flush_denormals_to_zero()  # as the CLI does, before any torch work
+    keep_freed_memory()
     args = arguments(__doc__, config="toy", output_dir="outputs/toy_benchmark", eval_limit=1000).parse_args()
     console = Console(width=max(Console().width, 140))
     cfg = budget_config(args)

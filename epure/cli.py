@@ -22,6 +22,7 @@ from typer.core import TyperGroup
 
 from epure.config import ConfigError, DataConfig, load_config, parse_overrides
 from epure.data import DatasetError
+from epure.allocator import keep_freed_memory
 from epure.numerics import flush_denormals_to_zero
 
 console = Console(stderr=True)
@@ -66,6 +67,7 @@ app.add_typer(data_app, name="data")
 @app.callback()
 def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
     flush_denormals_to_zero()  # before torch's first parallel operation creates the threads that inherit it
+    keep_freed_memory()  # feature maps reuse freed memory instead of faulting fresh pages in (epure/allocator.py)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", datefmt="[%X]",
                         handlers=[RichHandler(console=console, show_path=False)], force=True)
 
