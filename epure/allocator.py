@@ -36,10 +36,10 @@ def keep_freed_memory() -> bool:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows): their allocators behave differently
+    except (OSError, AttributeError):  # no mallopt (macOS, Windows): their allocators behave differently
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     done = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1
-    if not done:
+    if not done:  # e.g. musl, whose mallopt does nothing
         log.debug("mallopt refused the allocator thresholds; freed memory goes back to the OS as by default")
     return done

@@ -20,9 +20,9 @@ from rich.logging import RichHandler
 from rich.table import Table
 from typer.core import TyperGroup
 
+from epure.allocator import keep_freed_memory
 from epure.config import ConfigError, DataConfig, load_config, parse_overrides
 from epure.data import DatasetError
-from epure.allocator import keep_freed_memory
 from epure.numerics import flush_denormals_to_zero
 
 console = Console(stderr=True)
