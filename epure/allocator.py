@@ -5,9 +5,9 @@ freed) straight from the OS and unmaps it when freed, and gives the top of its h
 threshold. The networks' feature maps on a chunk of rows are 7 to 26 MB each (80 rows x 40 channels x 64 x 32
 floats: 26 MB), made and freed dozens of times a step; given back each time, the next one is faulted in again
 page by page and zero-filled by the kernel. Measured 2026-12-06: a default-config decoder call on 80 rows without
-a graph made 16,000 to 20,000 page faults (tests/test_allocator.py counts them) and took 69 ms instead of 49 (a
-one-off script); `python benchmarks/allocator.py`: generation 1.34x and inpainting 1.28x faster in a fresh
-process at the default config, a training step 1.02x, `small` unchanged.
+a graph made 16,000 to 20,000 page faults (tests/test_allocator.py counts them); `python benchmarks/allocator.py`:
+generation 1.34x and inpainting 1.28x faster in a fresh process at the default config, a training step 1.02x,
+`small` unchanged.
 
 ``keep_freed_memory`` raises both thresholds, so blocks up to ``MMAP_THRESHOLD_BYTES`` come from the heap and
 freed ones are reused. The cost: the process keeps its heap's high-water mark resident instead of shrinking
