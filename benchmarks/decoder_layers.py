@@ -14,39 +14,26 @@ most the fast path's generation could gain at its arithmetic on this machine.
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 
 import torch
 from rich.console import Console
 from rich.table import Table
 from torch.nn import functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 from epure.allocator import keep_freed_memory
 from epure.config import load_config
 from epure.model.convolutions import UpsampleConv2d, channels_last
 from epure.numerics import flush_denormals_to_zero
-from throughput import Bench  # benchmarks/throughput.py: the same model and batch
+from throughput import Bench, counted_gflop, timed  # benchmarks/throughput.py: the same model, batch and clocks
 
 UPSAMPLING, OTHER = "upsampling (transposed) conv", "other layers"
 
 
-def seconds(fn: Callable[[], object], repeats: int) -> float:
+def seconds(fn: Callable[[], None], repeats: int) -> float:
     """The best of ``repeats`` calls after two warm-up calls."""
     fn(), fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def gflop(fn: Callable[[], object]) -> float:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops() / 1e9
+    return min(timed(fn, torch.device("cpu"), repeats))
 
 
 def main() -> None:
@@ -80,16 +67,16 @@ def main() -> None:
                 layers.append((f"block {i} skip", block.skip, h))
             h = block(h)
         layers.append(("out", decoder.out, F.silu(h)))
-        fc_flop = gflop(lambda: decoder.fc(torch.cat([u, cond], dim=1)))
+        fc_flop = counted_gflop(lambda: decoder.fc(torch.cat([u, cond], dim=1)))
         per_row[OTHER] += fc_flop / rows
         for name, layer, x in layers:
             kind = UPSAMPLING if isinstance(layer, UpsampleConv2d) else OTHER
-            s, g = seconds(lambda: layer(x), args.repeats), gflop(lambda: layer(x))
+            s, g = seconds(lambda: layer(x), args.repeats), counted_gflop(lambda: layer(x))
             best_rate[kind] = max(best_rate[kind], g / s)
             per_row[kind] += g / rows
             table.add_row(name, str(tuple(x.shape)), f"{s * 1e3:.2f}", f"{g:.3f}", f"{g / s:.0f}")
         whole = seconds(lambda: decoder(u, cond), args.repeats)
-        whole_gflop = gflop(lambda: decoder(u, cond))
+        whole_gflop = counted_gflop(lambda: decoder(u, cond))
         table.add_row("whole decoder call", f"u {tuple(u.shape)}", f"{whole * 1e3:.2f}", f"{whole_gflop:.3f}",
                       f"{whole_gflop / whole:.0f}")
     console.print(table)
